@@ -1,0 +1,316 @@
+// CPU kernels of the In-Place ABN ops (float32 and float64).
+//
+// Tensors are processed as contiguous (N, C, S). Other layouts (channels_last,
+// sliced views) are made contiguous first; abn_forward_ then copies the result
+// back into the caller's storage, so the op stays in place for every layout.
+// Reductions run per channel in parallel; each channel is summed in blocks whose
+// partial sums are added in double, so float32 statistics stay accurate for
+// large maps (two passes: mean, then the centred second moment).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../abn.h"
+
+namespace lipfast {
+namespace ops {
+namespace {
+
+constexpr int64_t kBlock = 1024;
+constexpr int kLanes = 8;
+
+// sum over p[0..n) of f(p[i]), float partials in blocks, double total.
+template <typename T, typename F>
+inline double blocked_sum(const T* p, int64_t n, F f) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T lane[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[i + l]);
+    }
+    T part = 0;
+    for (int l = 0; l < kLanes; ++l) part += lane[l];
+    for (; i < e; ++i) part += f(p[i]);
+    total += static_cast<double>(part);
+  }
+  return total;
+}
+
+// Same for a function of two aligned arrays.
+template <typename T, typename F>
+inline double blocked_sum2(const T* p, const T* q, int64_t n, F f) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T lane[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lane[l] += f(p[i + l], q[i + l]);
+    }
+    T part = 0;
+    for (int l = 0; l < kLanes; ++l) part += lane[l];
+    for (; i < e; ++i) part += f(p[i], q[i]);
+    total += static_cast<double>(part);
+  }
+  return total;
+}
+
+void check_cpu_dtype(const at::Tensor& x, const char* what) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "lipfast.abn: the CPU kernels support float32 and float64, got ", what,
+                   " of dtype ", x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> abn_stats_cpu(const at::Tensor& x_in) {
+  check_abn_input(x_in, "input");
+  check_cpu_dtype(x_in, "input");
+  const at::Tensor x = x_in.contiguous();
+  const NCS d = ncs_of(x);
+  auto mean = at::zeros({d.c}, x.options());
+  auto var = at::zeros({d.c}, x.options());
+  const int64_t count = d.n * d.s;
+  if (count == 0) return {mean, var};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "abn_stats_cpu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pm = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* pv = var.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, d.c, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sum = 0;
+        for (int64_t n = 0; n < d.n; ++n) {
+          sum += blocked_sum(px + (n * d.c + c) * d.s, d.s, [](scalar_t v) { return v; });
+        }
+        const double mu = sum / count;
+        const scalar_t mu_t = static_cast<scalar_t>(mu);
+        double m2 = 0;
+        for (int64_t n = 0; n < d.n; ++n) {
+          m2 += blocked_sum(px + (n * d.c + c) * d.s, d.s, [mu_t](scalar_t v) {
+            const scalar_t t = v - mu_t;
+            return t * t;
+          });
+        }
+        // mu_t differs from mu by rounding; correct the second moment for it.
+        const double shift = static_cast<double>(mu_t) - mu;
+        pm[c] = static_cast<scalar_t>(mu);
+        pv[c] = static_cast<scalar_t>(std::max(0.0, m2 / count - shift * shift));
+      }
+    });
+  });
+  return {mean, var};
+}
+
+// y = act(scale * x + shift) on one contiguous row.
+template <typename T>
+inline void normalize_row(T* p, int64_t n, T scale, T shift, Activation act, T param) {
+  switch (act) {
+    case Activation::Identity:
+      for (int64_t i = 0; i < n; ++i) p[i] = p[i] * scale + shift;
+      break;
+    case Activation::LeakyRelu:
+      for (int64_t i = 0; i < n; ++i) {
+        const T z = p[i] * scale + shift;
+        p[i] = z >= T(0) ? z : z * param;
+      }
+      break;
+    case Activation::Elu:
+      for (int64_t i = 0; i < n; ++i) {
+        const T z = p[i] * scale + shift;
+        p[i] = z >= T(0) ? z : param * std::expm1(z);
+      }
+      break;
+  }
+}
+
+void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                const at::Tensor& w_eff, const at::Tensor& b_eff, double eps,
+                                Activation act, double param) {
+  const NCS d = ncs_of(x);
+  if (x.numel() == 0) return;
+  // Per-channel scale and shift in double, then used in the input's precision.
+  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
+  const at::Tensor scale = w_eff.to(at::kDouble) * rstd;
+  const at::Tensor shift = b_eff.to(at::kDouble) - mean.to(at::kDouble) * scale;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "abn_forward_cpu", [&] {
+    const at::Tensor sc = scale.to(x.scalar_type()).contiguous();
+    const at::Tensor sh = shift.to(x.scalar_type()).contiguous();
+    const scalar_t* psc = sc.const_data_ptr<scalar_t>();
+    const scalar_t* psh = sh.const_data_ptr<scalar_t>();
+    scalar_t* px = x.mutable_data_ptr<scalar_t>();
+    const scalar_t prm = static_cast<scalar_t>(param);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s));
+    at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % d.c;
+        normalize_row(px + r * d.s, d.s, psc[c], psh[c], act, prm);
+      }
+    });
+  });
+}
+
+void abn_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                     const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, double eps,
+                     c10::string_view activation, double param) {
+  check_abn_input(x, "input");
+  check_cpu_dtype(x, "input");
+  check_channel_param(mean, x, "mean");
+  check_channel_param(var, x, "var");
+  check_channel_param(weight, x, "weight");
+  check_channel_param(bias, x, "bias");
+  const Activation act = parse_activation(std::string(activation), param);
+  const at::Tensor w_eff = effective_weight(weight, x, eps);
+  const at::Tensor b_eff = effective_bias(bias, x);
+  if (x.is_contiguous()) {
+    abn_forward_cpu_contiguous(x, mean, var, w_eff, b_eff, eps, act, param);
+  } else {
+    at::Tensor tmp = x.contiguous();
+    abn_forward_cpu_contiguous(tmp, mean, var, w_eff, b_eff, eps, act, param);
+    x.copy_(tmp);
+  }
+}
+
+// Inverse activation helpers: from y and dy, z (pre-activation) and dz.
+template <typename T>
+struct Inverse {
+  Activation act;
+  T param;
+  inline T z(T y) const {
+    if (y >= T(0) || act == Activation::Identity) return y;
+    if (act == Activation::LeakyRelu) return y / param;
+    return std::log1p(y / param);
+  }
+  inline T dz(T y, T dy) const {
+    if (y >= T(0) || act == Activation::Identity) return dy;
+    if (act == Activation::LeakyRelu) return dy * param;
+    return dy * (y + param);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cpu(
+    const at::Tensor& y_in, const at::Tensor& dy_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, c10::string_view activation,
+    double param) {
+  check_abn_input(y_in, "output");
+  check_cpu_dtype(y_in, "output");
+  TORCH_CHECK_VALUE(dy_in.sizes() == y_in.sizes(), "lipfast.abn: grad_output has shape ",
+                    dy_in.sizes(), " but the output has shape ", y_in.sizes());
+  TORCH_CHECK_TYPE(dy_in.scalar_type() == y_in.scalar_type(),
+                   "lipfast.abn: grad_output dtype ", dy_in.scalar_type(),
+                   " differs from the output dtype ", y_in.scalar_type());
+  check_channel_param(weight, y_in, "weight");
+  check_channel_param(bias, y_in, "bias");
+  const Activation act = parse_activation(std::string(activation), param);
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor dy = dy_in.contiguous();
+  const NCS d = ncs_of(y);
+  const at::Tensor w_eff = effective_weight(weight, y, eps).to(at::kDouble);
+  const at::Tensor b_eff = effective_bias(bias, y).to(at::kDouble);
+  auto s_dz = at::zeros({d.c}, y.options());
+  auto s_xdz = at::zeros({d.c}, y.options());
+  if (y.numel() == 0) return {s_dz, s_xdz};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "abn_backward_reduce_cpu", [&] {
+    const scalar_t* py = y.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    const double* pw = w_eff.const_data_ptr<double>();
+    const double* pb = b_eff.const_data_ptr<double>();
+    scalar_t* p1 = s_dz.mutable_data_ptr<scalar_t>();
+    scalar_t* p2 = s_xdz.mutable_data_ptr<scalar_t>();
+    const Inverse<scalar_t> inv{act, static_cast<scalar_t>(param)};
+    at::parallel_for(0, d.c, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sdz = 0, sdzz = 0;
+        for (int64_t n = 0; n < d.n; ++n) {
+          const int64_t off = (n * d.c + c) * d.s;
+          sdz += blocked_sum2(py + off, pdy + off, d.s,
+                              [&inv](scalar_t yv, scalar_t g) { return inv.dz(yv, g); });
+          sdzz += blocked_sum2(py + off, pdy + off, d.s, [&inv](scalar_t yv, scalar_t g) {
+            return inv.dz(yv, g) * inv.z(yv);
+          });
+        }
+        // x_hat = (z - b) / w~, so sum(x_hat * dz) = (sum(z * dz) - b * sum(dz)) / w~.
+        p1[c] = static_cast<scalar_t>(sdz);
+        p2[c] = static_cast<scalar_t>((sdzz - pb[c] * sdz) / pw[c]);
+      }
+    });
+  });
+  return {s_dz, s_xdz};
+}
+
+at::Tensor abn_backward_elemt_cpu(const at::Tensor& y_in, const at::Tensor& dy_in,
+                                  const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+                                  const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& mean_dz, const at::Tensor& mean_xhat_dz,
+                                  double eps, c10::string_view activation, double param) {
+  check_abn_input(y_in, "output");
+  check_cpu_dtype(y_in, "output");
+  TORCH_CHECK_VALUE(dy_in.sizes() == y_in.sizes(), "lipfast.abn: grad_output has shape ",
+                    dy_in.sizes(), " but the output has shape ", y_in.sizes());
+  TORCH_CHECK_TYPE(dy_in.scalar_type() == y_in.scalar_type(),
+                   "lipfast.abn: grad_output dtype ", dy_in.scalar_type(),
+                   " differs from the output dtype ", y_in.scalar_type());
+  check_channel_param(var, y_in, "var");
+  check_channel_param(weight, y_in, "weight");
+  check_channel_param(bias, y_in, "bias");
+  check_channel_param(mean_dz, y_in, "mean_dz");
+  check_channel_param(mean_xhat_dz, y_in, "mean_xhat_dz");
+  const Activation act = parse_activation(std::string(activation), param);
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor dy = dy_in.contiguous();
+  const NCS d = ncs_of(y);
+  auto dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  if (y.numel() == 0) return dx;
+  // dx = w~ rstd (dz - mean_dz - x_hat mean_xhat_dz), x_hat = (z - b) / w~
+  //    = k1 dz + k2 z + k3 with per-channel k1, k2, k3 (computed in double).
+  const at::Tensor w = effective_weight(weight, y, eps).to(at::kDouble);
+  const at::Tensor b = effective_bias(bias, y).to(at::kDouble);
+  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
+  const at::Tensor m1 = mean_dz.to(at::kDouble), m2 = mean_xhat_dz.to(at::kDouble);
+  const at::Tensor k1 = w * rstd;
+  const at::Tensor k2 = -rstd * m2;
+  const at::Tensor k3 = rstd * m2 * b - k1 * m1;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "abn_backward_elemt_cpu", [&] {
+    const at::Tensor t1 = k1.to(y.scalar_type()).contiguous();
+    const at::Tensor t2 = k2.to(y.scalar_type()).contiguous();
+    const at::Tensor t3 = k3.to(y.scalar_type()).contiguous();
+    const scalar_t* q1 = t1.const_data_ptr<scalar_t>();
+    const scalar_t* q2 = t2.const_data_ptr<scalar_t>();
+    const scalar_t* q3 = t3.const_data_ptr<scalar_t>();
+    const scalar_t* py = y.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    const Inverse<scalar_t> inv{act, static_cast<scalar_t>(param)};
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s));
+    at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % d.c;
+        const scalar_t a = q1[c], bz = q2[c], k = q3[c];
+        const int64_t off = r * d.s;
+        if (act == Activation::Identity) {
+          for (int64_t i = 0; i < d.s; ++i) pdx[off + i] = a * pdy[off + i] + bz * py[off + i] + k;
+        } else {
+          for (int64_t i = 0; i < d.s; ++i) {
+            const scalar_t yv = py[off + i];
+            pdx[off + i] = a * inv.dz(yv, pdy[off + i]) + bz * inv.z(yv) + k;
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
+  m.impl("abn_stats", &abn_stats_cpu);
+  m.impl("abn_forward_", &abn_forward_cpu);
+  m.impl("abn_backward_reduce", &abn_backward_reduce_cpu);
+  m.impl("abn_backward_elemt", &abn_backward_elemt_cpu);
+}
+
+}  // namespace ops
+}  // namespace lipfast

@@ -1,0 +1,21 @@
+"""lipfast: fast, checked kernels for human-parsing models (CE2P, SCHP, OCNet).
+
+Importing lipfast loads the compiled extension ``lipfast._C`` (building it just
+in time when the installed one is missing or was built for another torch) and
+registers the ops under ``torch.ops.lipfast``.
+"""
+
+from ._ext import build_info
+from .nn import ABN, InPlaceABN, InPlaceABNSync
+from .ops import inplace_abn, inplace_abn_sync
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABN",
+    "InPlaceABN",
+    "InPlaceABNSync",
+    "build_info",
+    "inplace_abn",
+    "inplace_abn_sync",
+]

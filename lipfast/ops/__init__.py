@@ -1,0 +1,9 @@
+"""lipfast's compiled ops (``torch.ops.lipfast.*``) and their functional wrappers.
+
+One file per op family: ``lipfast/ops/<name>.py`` registers fake kernels and
+autograd for the ops whose schemas are in ``csrc/ops/<name>.cpp``.
+"""
+
+from .abn import inplace_abn, inplace_abn_sync
+
+__all__ = ["inplace_abn", "inplace_abn_sync"]

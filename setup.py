@@ -1,0 +1,63 @@
+"""Builds lipfast._C when torch is importable (``pip install --no-build-isolation -e .``).
+
+C++ sources always; CUDA sources too when torch has CUDA and nvcc is found
+(TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch's BuildExtension).
+Without torch in the build environment (plain isolated ``pip install``) no
+extension is built here and lipfast compiles the same sources on first use.
+"""
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_lipfast_build", ROOT / "lipfast" / "_build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package as lipfast/_csrc for the just-in-time build
+    of non-editable installs."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            dest = Path(self.build_lib) / "lipfast" / "_csrc"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(ROOT / "csrc", dest)
+
+
+cmdclass = {"build_py": BuildPyWithSources}
+ext_modules = []
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    torch = None
+
+if torch is not None and os.environ.get("LIPFAST_SKIP_BUILD") != "1":
+    with_cuda = build.want_cuda(torch, cpp_extension.CUDA_HOME)
+    ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    csrc = ROOT / "csrc"
+    ext_modules.append(
+        ext_cls(
+            name="lipfast._C",
+            sources=[os.path.relpath(s, ROOT) for s in build.sources(csrc, with_cuda)],
+            include_dirs=[str(csrc)],
+            define_macros=build.define_macros(with_cuda),
+            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
+        )
+    )
+    cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+setup(
+    packages=["lipfast", "lipfast.ops", "lipfast.nn"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
