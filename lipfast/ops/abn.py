@@ -172,8 +172,11 @@ def _merge_stats(mean, var, count: int, group):
     world = dist.get_world_size(group)
     c = mean.shape[0]
     local = torch.cat([mean.new_full((1,), float(count)), mean, var]).to(torch.float64)
-    gathered = local.new_empty((world, 2 * c + 1))
-    dist.all_gather_into_tensor(gathered, local, group=group)
+    # all_gather into a list: gloo rejects all_gather_into_tensor's stacked
+    # (world, k) output form, and torch 2.13 deprecates all_gather_into_tensor.
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    gathered = torch.stack(parts)
     n = gathered[:, :1]
     means, vars_ = gathered[:, 1 : c + 1], gathered[:, c + 1 :]
     total = n.sum(0)

@@ -2,8 +2,8 @@
 // (computed with ATen on the device) and the launches of abn_kernel.cu.
 // float32, float16 and bfloat16 inputs keep float32 statistics; float64 stays float64.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../abn.h"
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> abn_stats_cuda(const at::Tensor& x_in) {
   check_launch(cuda::abn_stats_launch(code, x.const_data_ptr(), d.n, d.c, d.s,
                                       mean.mutable_data_ptr(), var.mutable_data_ptr(),
                                       ws.mutable_data_ptr(),
-                                      at::cuda::getCurrentCUDAStream().stream()),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
                "abn_stats");
   return {mean, var};
 }
@@ -83,7 +83,7 @@ void abn_forward_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& v
   check_launch(cuda::abn_forward_launch(code, work.mutable_data_ptr(), d.n, d.c, d.s,
                                         scale.const_data_ptr(), shift.const_data_ptr(),
                                         static_cast<int>(act), param,
-                                        at::cuda::getCurrentCUDAStream().stream()),
+                                        c10::cuda::getCurrentCUDAStream().stream()),
                "abn_forward_");
   if (!work.is_same(x)) x.copy_(work);
 }
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cuda(
                    code, y.const_data_ptr(), dy.const_data_ptr(), d.n, d.c, d.s,
                    w.const_data_ptr(), b.const_data_ptr(), static_cast<int>(act), param,
                    s_dz.mutable_data_ptr(), s_xdz.mutable_data_ptr(), ws.mutable_data_ptr(),
-                   at::cuda::getCurrentCUDAStream().stream()),
+                   c10::cuda::getCurrentCUDAStream().stream()),
                "abn_backward_reduce");
   return {s_dz, s_xdz};
 }
@@ -148,7 +148,7 @@ at::Tensor abn_backward_elemt_cuda(const at::Tensor& y_in, const at::Tensor& dy_
   check_launch(cuda::abn_backward_elemt_launch(
                    code, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), d.n,
                    d.c, d.s, k1.const_data_ptr(), k2.const_data_ptr(), k3.const_data_ptr(),
-                   static_cast<int>(act), param, at::cuda::getCurrentCUDAStream().stream()),
+                   static_cast<int>(act), param, c10::cuda::getCurrentCUDAStream().stream()),
                "abn_backward_elemt");
   return dx;
 }
