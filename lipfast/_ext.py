@@ -10,6 +10,7 @@ into a cache folder keyed by torch and Python version, with one log line.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -79,17 +80,15 @@ def load() -> ModuleType:
     reason = "LIPFAST_FORCE_JIT=1"
     if os.environ.get("LIPFAST_FORCE_JIT") != "1":
         try:
-            from . import _C  # type: ignore[attr-defined]
+            if importlib.util.find_spec(f"{__package__}._C") is None:
+                reason = "lipfast._C is not built (plain pip install, or a source checkout)"
+            else:
+                from . import _C  # type: ignore[attr-defined]
 
-            _module, _how = _C, "installed"
-            return _module
-        except ImportError as err:  # missing, or built against another torch
-            missing = getattr(err, "name", None) == "lipfast._C"
-            reason = (
-                "lipfast._C is not built"
-                if missing
-                else f"the installed lipfast._C does not load ({err})"
-            )
+                _module, _how = _C, "installed"
+                return _module
+        except ImportError as err:  # typically built against another torch
+            reason = f"the installed lipfast._C does not load ({err})"
     _module, _how = _jit_build(reason), "jit"
     return _module
 
