@@ -52,6 +52,7 @@ if torch is not None and os.environ.get("LIPFAST_SKIP_BUILD") != "1":
             include_dirs=[str(csrc)],
             define_macros=build.define_macros(with_cuda),
             extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
+            extra_link_args=build.LINK_FLAGS,
         )
     )
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -11,7 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
-CXX_FLAGS = ["-O3"]
+# -fopenmp: at::parallel_for is header code that runs serially without it.
+# -fno-wrapv undoes Python's CFLAGS (signed wrap-around blocks loop vectorisation);
+# -fno-trapping-math lets gcc vectorise the select-based activation loops.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-wrapv", "-fno-trapping-math"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

@@ -59,6 +59,7 @@ def _jit_build(reason: str) -> ModuleType:
             extra_cflags=list(_build.CXX_FLAGS)
             + [f"-D{k}" for k, _ in _build.define_macros(with_cuda)],
             extra_cuda_cflags=list(_build.NVCC_FLAGS),
+            extra_ldflags=list(_build.LINK_FLAGS),
             extra_include_paths=[str(root)],
             build_directory=str(build_dir),
             with_cuda=with_cuda,

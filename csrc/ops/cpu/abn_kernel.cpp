@@ -103,9 +103,11 @@ std::tuple<at::Tensor, at::Tensor> abn_stats_cpu(const at::Tensor& x_in) {
   return {mean, var};
 }
 
-// y = act(scale * x + shift) on one contiguous row.
+// y = act(scale * x + shift) on one contiguous row. The leaky branch is written
+// without a data-dependent branch (max + slope * min) so that it vectorises.
 template <typename T>
-inline void normalize_row(T* p, int64_t n, T scale, T shift, Activation act, T param) {
+inline void normalize_row(T* __restrict__ p, int64_t n, T scale, T shift, Activation act,
+                          T param) {
   switch (act) {
     case Activation::Identity:
       for (int64_t i = 0; i < n; ++i) p[i] = p[i] * scale + shift;
@@ -113,7 +115,7 @@ inline void normalize_row(T* p, int64_t n, T scale, T shift, Activation act, T p
     case Activation::LeakyRelu:
       for (int64_t i = 0; i < n; ++i) {
         const T z = p[i] * scale + shift;
-        p[i] = z >= T(0) ? z : z * param;
+        p[i] = std::max(z, T(0)) + param * std::min(z, T(0));
       }
       break;
     case Activation::Elu:
@@ -141,11 +143,12 @@ void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& mean, const at:
     const scalar_t* psh = sh.const_data_ptr<scalar_t>();
     scalar_t* px = x.mutable_data_ptr<scalar_t>();
     const scalar_t prm = static_cast<scalar_t>(param);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s));
-    at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
+    const int64_t cc = d.c, ss = d.s;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ss));
+    at::parallel_for(0, d.n * cc, grain, [=](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % d.c;
-        normalize_row(px + r * d.s, d.s, psc[c], psh[c], act, prm);
+        const int64_t c = r % cc;
+        normalize_row(px + r * ss, ss, psc[c], psh[c], act, prm);
       }
     });
   });
@@ -173,22 +176,95 @@ void abn_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& va
   }
 }
 
-// Inverse activation helpers: from y and dy, z (pre-activation) and dz.
+// Inverting the activation: from y and dy, the pre-activation z and its gradient dz.
+// leaky_relu: where y < 0, z = y / slope and dz = dy * slope (so z * dz = y * dy);
+// elu: where y < 0, z = log1p(y / alpha) and dz = dy * (y + alpha).
+// The per-activation row kernels below select constants instead of branching so
+// the leaky and identity loops vectorise.
+
+// Adds sum(dz) and sum(z * dz) over one row to (sdz, sdzz). F(y, dy, dz&, zdz&)
+// gives both terms of one element; kLanes independent float accumulators per
+// block vectorise, and block partials are added in double.
+template <typename T, typename F>
+inline void reduce_row_with(const T* __restrict__ y, const T* __restrict__ g, int64_t n, F f,
+                            double& sdz, double& sdzz) {
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T l1[kLanes] = {}, l2[kLanes] = {};
+    int64_t i = b;
+    for (; i + kLanes <= e; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        T dz, zdz;
+        f(y[i + l], g[i + l], dz, zdz);
+        l1[l] += dz;
+        l2[l] += zdz;
+      }
+    }
+    T a1 = 0, a2 = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      a1 += l1[l];
+      a2 += l2[l];
+    }
+    for (; i < e; ++i) {
+      T dz, zdz;
+      f(y[i], g[i], dz, zdz);
+      a1 += dz;
+      a2 += zdz;
+    }
+    sdz += static_cast<double>(a1);
+    sdzz += static_cast<double>(a2);
+  }
+}
+
 template <typename T>
-struct Inverse {
-  Activation act;
-  T param;
-  inline T z(T y) const {
-    if (y >= T(0) || act == Activation::Identity) return y;
-    if (act == Activation::LeakyRelu) return y / param;
-    return std::log1p(y / param);
+inline void reduce_row(const T* __restrict__ y, const T* __restrict__ g, int64_t n,
+                       Activation act, T param, double& sdz, double& sdzz) {
+  switch (act) {
+    case Activation::Identity:
+      reduce_row_with(y, g, n, [](T yv, T gv, T& dz, T& zdz) { dz = gv; zdz = gv * yv; },
+                      sdz, sdzz);
+      break;
+    case Activation::LeakyRelu:  // z * dz = y * dy on both sides of zero
+      reduce_row_with(y, g, n, [param](T yv, T gv, T& dz, T& zdz) {
+        dz = gv * (yv >= T(0) ? T(1) : param);
+        zdz = gv * yv;
+      }, sdz, sdzz);
+      break;
+    case Activation::Elu:
+      reduce_row_with(y, g, n, [param](T yv, T gv, T& dz, T& zdz) {
+        dz = yv >= T(0) ? gv : gv * (yv + param);
+        zdz = dz * (yv >= T(0) ? yv : std::log1p(yv / param));
+      }, sdz, sdzz);
+      break;
   }
-  inline T dz(T y, T dy) const {
-    if (y >= T(0) || act == Activation::Identity) return dy;
-    if (act == Activation::LeakyRelu) return dy * param;
-    return dy * (y + param);
+}
+
+// dx = k1 * dz + k2 * z + k3 on one row.
+template <typename T>
+inline void elemt_row(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx,
+                      int64_t n, Activation act, T param, T k1, T k2, T k3) {
+  switch (act) {
+    case Activation::Identity:
+      for (int64_t i = 0; i < n; ++i) dx[i] = k1 * g[i] + k2 * y[i] + k3;
+      break;
+    case Activation::LeakyRelu: {
+      const T inv = T(1) / param;
+      for (int64_t i = 0; i < n; ++i) {
+        const bool pos = y[i] >= T(0);
+        dx[i] = k1 * g[i] * (pos ? T(1) : param) + k2 * y[i] * (pos ? T(1) : inv) + k3;
+      }
+      break;
+    }
+    case Activation::Elu:
+      for (int64_t i = 0; i < n; ++i) {
+        const T yv = y[i];
+        const T dz = yv >= T(0) ? g[i] : g[i] * (yv + param);
+        const T z = yv >= T(0) ? yv : std::log1p(yv / param);
+        dx[i] = k1 * dz + k2 * z + k3;
+      }
+      break;
   }
-};
+}
 
 std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cpu(
     const at::Tensor& y_in, const at::Tensor& dy_in, const c10::optional<at::Tensor>& weight,
@@ -219,17 +295,14 @@ std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cpu(
     const double* pb = b_eff.const_data_ptr<double>();
     scalar_t* p1 = s_dz.mutable_data_ptr<scalar_t>();
     scalar_t* p2 = s_xdz.mutable_data_ptr<scalar_t>();
-    const Inverse<scalar_t> inv{act, static_cast<scalar_t>(param)};
-    at::parallel_for(0, d.c, 1, [&](int64_t c0, int64_t c1) {
+    const scalar_t prm = static_cast<scalar_t>(param);
+    const int64_t nn = d.n, cc = d.c, ss = d.s;
+    at::parallel_for(0, cc, 1, [=](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double sdz = 0, sdzz = 0;
-        for (int64_t n = 0; n < d.n; ++n) {
-          const int64_t off = (n * d.c + c) * d.s;
-          sdz += blocked_sum2(py + off, pdy + off, d.s,
-                              [&inv](scalar_t yv, scalar_t g) { return inv.dz(yv, g); });
-          sdzz += blocked_sum2(py + off, pdy + off, d.s, [&inv](scalar_t yv, scalar_t g) {
-            return inv.dz(yv, g) * inv.z(yv);
-          });
+        for (int64_t n = 0; n < nn; ++n) {
+          const int64_t off = (n * cc + c) * ss;
+          reduce_row(py + off, pdy + off, ss, act, prm, sdz, sdzz);
         }
         // x_hat = (z - b) / w~, so sum(x_hat * dz) = (sum(z * dz) - b * sum(dz)) / w~.
         p1[c] = static_cast<scalar_t>(sdz);
@@ -282,21 +355,13 @@ at::Tensor abn_backward_elemt_cpu(const at::Tensor& y_in, const at::Tensor& dy_i
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-    const Inverse<scalar_t> inv{act, static_cast<scalar_t>(param)};
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s));
-    at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
+    const scalar_t prm = static_cast<scalar_t>(param);
+    const int64_t cc = d.c, ss = d.s;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ss));
+    at::parallel_for(0, d.n * cc, grain, [=](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % d.c;
-        const scalar_t a = q1[c], bz = q2[c], k = q3[c];
-        const int64_t off = r * d.s;
-        if (act == Activation::Identity) {
-          for (int64_t i = 0; i < d.s; ++i) pdx[off + i] = a * pdy[off + i] + bz * py[off + i] + k;
-        } else {
-          for (int64_t i = 0; i < d.s; ++i) {
-            const scalar_t yv = py[off + i];
-            pdx[off + i] = a * inv.dz(yv, pdy[off + i]) + bz * inv.z(yv) + k;
-          }
-        }
+        const int64_t c = r % cc;
+        elemt_row(py + r * ss, pdy + r * ss, pdx + r * ss, ss, act, prm, q1[c], q2[c], q3[c]);
       }
     });
   });
