@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <string>
+#include <tuple>
 
 namespace lipfast {
 namespace ops {
@@ -75,6 +76,45 @@ inline at::Tensor effective_weight(const c10::optional<at::Tensor>& w, const at:
 inline at::Tensor effective_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x) {
   if (b.has_value() && b->defined()) return b->to(stats_dtype(x)).contiguous();
   return at::zeros({x.size(1)}, x.options().dtype(stats_dtype(x)));
+}
+
+// grad_output must match the saved output.
+inline void check_grad_output(const at::Tensor& y, const at::Tensor& dy) {
+  TORCH_CHECK_VALUE(dy.sizes() == y.sizes(), "lipfast.abn: grad_output has shape ", dy.sizes(),
+                    " but the output has shape ", y.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == y.scalar_type(), "lipfast.abn: grad_output dtype ",
+                   dy.scalar_type(), " differs from the output dtype ", y.scalar_type());
+  TORCH_CHECK_VALUE(dy.device() == y.device(), "lipfast.abn: grad_output is on ", dy.device(),
+                    " but the output is on ", y.device());
+}
+
+// Forward as y = act(scale * x + shift): per-channel scale = w~ / sqrt(var + eps),
+// shift = b - mean * scale, computed in double and returned contiguous in `dtype`.
+inline std::tuple<at::Tensor, at::Tensor> forward_coefficients(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+    at::ScalarType dtype) {
+  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
+  const at::Tensor scale = effective_weight(weight, x, eps).to(at::kDouble) * rstd;
+  const at::Tensor shift = effective_bias(bias, x).to(at::kDouble) - mean.to(at::kDouble) * scale;
+  return {scale.to(dtype).contiguous(), shift.to(dtype).contiguous()};
+}
+
+// Backward as dx = k1 * dz + k2 * z + k3: from dx = w~ rstd (dz - mean_dz - x_hat
+// mean_xhat_dz) with x_hat = (z - b) / w~, k1 = w~ rstd, k2 = -rstd mean_xhat_dz,
+// k3 = rstd mean_xhat_dz b - k1 mean_dz. Computed in double, returned in `dtype`.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_coefficients(
+    const at::Tensor& y, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean_dz,
+    const at::Tensor& mean_xhat_dz, double eps, at::ScalarType dtype) {
+  const at::Tensor w = effective_weight(weight, y, eps).to(at::kDouble);
+  const at::Tensor b = effective_bias(bias, y).to(at::kDouble);
+  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
+  const at::Tensor m1 = mean_dz.to(at::kDouble), m2 = mean_xhat_dz.to(at::kDouble);
+  const at::Tensor k1 = w * rstd;
+  const at::Tensor k2 = -rstd * m2;
+  const at::Tensor k3 = rstd * m2 * b - k1 * m1;
+  return {k1.to(dtype).contiguous(), k2.to(dtype).contiguous(), k3.to(dtype).contiguous()};
 }
 
 // N, C, S of a (N, C, *) tensor viewed as contiguous (N, C, S).

@@ -59,6 +59,16 @@ inline double blocked_sum2(const T* p, const T* q, int64_t n, F f) {
   return total;
 }
 
+// Calls f(row, channel, offset) for every (n, c) row of a contiguous (N, C, S)
+// tensor, rows split across threads.
+template <typename F>
+inline void for_each_row(const NCS& d, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.s));
+  at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) f(r, r % d.c, r * d.s);
+  });
+}
+
 void check_cpu_dtype(const at::Tensor& x, const char* what) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "lipfast.abn: the CPU kernels support float32 and float64, got ", what,
@@ -127,29 +137,17 @@ inline void normalize_row(T* __restrict__ p, int64_t n, T scale, T shift, Activa
   }
 }
 
-void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                                const at::Tensor& w_eff, const at::Tensor& b_eff, double eps,
-                                Activation act, double param) {
+void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& scale,
+                                const at::Tensor& shift, Activation act, double param) {
   const NCS d = ncs_of(x);
   if (x.numel() == 0) return;
-  // Per-channel scale and shift in double, then used in the input's precision.
-  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
-  const at::Tensor scale = w_eff.to(at::kDouble) * rstd;
-  const at::Tensor shift = b_eff.to(at::kDouble) - mean.to(at::kDouble) * scale;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "abn_forward_cpu", [&] {
-    const at::Tensor sc = scale.to(x.scalar_type()).contiguous();
-    const at::Tensor sh = shift.to(x.scalar_type()).contiguous();
-    const scalar_t* psc = sc.const_data_ptr<scalar_t>();
-    const scalar_t* psh = sh.const_data_ptr<scalar_t>();
+    const scalar_t* psc = scale.const_data_ptr<scalar_t>();
+    const scalar_t* psh = shift.const_data_ptr<scalar_t>();
     scalar_t* px = x.mutable_data_ptr<scalar_t>();
     const scalar_t prm = static_cast<scalar_t>(param);
-    const int64_t cc = d.c, ss = d.s;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ss));
-    at::parallel_for(0, d.n * cc, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % cc;
-        normalize_row(px + r * ss, ss, psc[c], psh[c], act, prm);
-      }
+    for_each_row(d, [=](int64_t r, int64_t c, int64_t off) {
+      normalize_row(px + off, d.s, psc[c], psh[c], act, prm);
     });
   });
 }
@@ -165,13 +163,13 @@ void abn_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& va
   check_channel_param(weight, x, "weight");
   check_channel_param(bias, x, "bias");
   const Activation act = parse_activation(std::string(activation), param);
-  const at::Tensor w_eff = effective_weight(weight, x, eps);
-  const at::Tensor b_eff = effective_bias(bias, x);
+  const auto [scale, shift] =
+      forward_coefficients(x, mean, var, weight, bias, eps, x.scalar_type());
   if (x.is_contiguous()) {
-    abn_forward_cpu_contiguous(x, mean, var, w_eff, b_eff, eps, act, param);
+    abn_forward_cpu_contiguous(x, scale, shift, act, param);
   } else {
     at::Tensor tmp = x.contiguous();
-    abn_forward_cpu_contiguous(tmp, mean, var, w_eff, b_eff, eps, act, param);
+    abn_forward_cpu_contiguous(tmp, scale, shift, act, param);
     x.copy_(tmp);
   }
 }
@@ -272,11 +270,7 @@ std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cpu(
     double param) {
   check_abn_input(y_in, "output");
   check_cpu_dtype(y_in, "output");
-  TORCH_CHECK_VALUE(dy_in.sizes() == y_in.sizes(), "lipfast.abn: grad_output has shape ",
-                    dy_in.sizes(), " but the output has shape ", y_in.sizes());
-  TORCH_CHECK_TYPE(dy_in.scalar_type() == y_in.scalar_type(),
-                   "lipfast.abn: grad_output dtype ", dy_in.scalar_type(),
-                   " differs from the output dtype ", y_in.scalar_type());
+  check_grad_output(y_in, dy_in);
   check_channel_param(weight, y_in, "weight");
   check_channel_param(bias, y_in, "bias");
   const Activation act = parse_activation(std::string(activation), param);
@@ -320,11 +314,7 @@ at::Tensor abn_backward_elemt_cpu(const at::Tensor& y_in, const at::Tensor& dy_i
                                   double eps, c10::string_view activation, double param) {
   check_abn_input(y_in, "output");
   check_cpu_dtype(y_in, "output");
-  TORCH_CHECK_VALUE(dy_in.sizes() == y_in.sizes(), "lipfast.abn: grad_output has shape ",
-                    dy_in.sizes(), " but the output has shape ", y_in.sizes());
-  TORCH_CHECK_TYPE(dy_in.scalar_type() == y_in.scalar_type(),
-                   "lipfast.abn: grad_output dtype ", dy_in.scalar_type(),
-                   " differs from the output dtype ", y_in.scalar_type());
+  check_grad_output(y_in, dy_in);
   check_channel_param(var, y_in, "var");
   check_channel_param(weight, y_in, "weight");
   check_channel_param(bias, y_in, "bias");
@@ -336,33 +326,18 @@ at::Tensor abn_backward_elemt_cpu(const at::Tensor& y_in, const at::Tensor& dy_i
   const NCS d = ncs_of(y);
   auto dx = at::empty_like(y, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return dx;
-  // dx = w~ rstd (dz - mean_dz - x_hat mean_xhat_dz), x_hat = (z - b) / w~
-  //    = k1 dz + k2 z + k3 with per-channel k1, k2, k3 (computed in double).
-  const at::Tensor w = effective_weight(weight, y, eps).to(at::kDouble);
-  const at::Tensor b = effective_bias(bias, y).to(at::kDouble);
-  const at::Tensor rstd = (var.to(at::kDouble) + eps).rsqrt();
-  const at::Tensor m1 = mean_dz.to(at::kDouble), m2 = mean_xhat_dz.to(at::kDouble);
-  const at::Tensor k1 = w * rstd;
-  const at::Tensor k2 = -rstd * m2;
-  const at::Tensor k3 = rstd * m2 * b - k1 * m1;
+  const auto [k1, k2, k3] = backward_coefficients(y, var, weight, bias, mean_dz, mean_xhat_dz,
+                                                  eps, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "abn_backward_elemt_cpu", [&] {
-    const at::Tensor t1 = k1.to(y.scalar_type()).contiguous();
-    const at::Tensor t2 = k2.to(y.scalar_type()).contiguous();
-    const at::Tensor t3 = k3.to(y.scalar_type()).contiguous();
-    const scalar_t* q1 = t1.const_data_ptr<scalar_t>();
-    const scalar_t* q2 = t2.const_data_ptr<scalar_t>();
-    const scalar_t* q3 = t3.const_data_ptr<scalar_t>();
+    const scalar_t* q1 = k1.const_data_ptr<scalar_t>();
+    const scalar_t* q2 = k2.const_data_ptr<scalar_t>();
+    const scalar_t* q3 = k3.const_data_ptr<scalar_t>();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
     const scalar_t prm = static_cast<scalar_t>(param);
-    const int64_t cc = d.c, ss = d.s;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ss));
-    at::parallel_for(0, d.n * cc, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % cc;
-        elemt_row(py + r * ss, pdy + r * ss, pdx + r * ss, ss, act, prm, q1[c], q2[c], q3[c]);
-      }
+    for_each_row(d, [=](int64_t r, int64_t c, int64_t off) {
+      elemt_row(py + off, pdy + off, pdx + off, d.s, act, prm, q1[c], q2[c], q3[c]);
     });
   });
   return dx;

@@ -31,19 +31,6 @@ void check_launch(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
-void check_grad(const at::Tensor& y, const at::Tensor& dy) {
-  TORCH_CHECK_VALUE(dy.sizes() == y.sizes(), "lipfast.abn: grad_output has shape ", dy.sizes(),
-                    " but the output has shape ", y.sizes());
-  TORCH_CHECK_TYPE(dy.scalar_type() == y.scalar_type(), "lipfast.abn: grad_output dtype ",
-                   dy.scalar_type(), " differs from the output dtype ", y.scalar_type());
-  TORCH_CHECK_VALUE(dy.device() == y.device(), "lipfast.abn: grad_output is on ", dy.device(),
-                    " but the output is on ", y.device());
-}
-
-at::Tensor on_stats(const at::Tensor& t, const at::Tensor& x) {
-  return t.to(stats_dtype(x)).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> abn_stats_cuda(const at::Tensor& x_in) {
   check_abn_input(x_in, "input");
   const int code = dtype_code(x_in);
@@ -75,9 +62,7 @@ void abn_forward_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& v
   check_channel_param(bias, x, "bias");
   const Activation act = parse_activation(std::string(activation), param);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor scale = on_stats(effective_weight(weight, x, eps) *
-                                        (on_stats(var, x) + eps).rsqrt(), x);
-  const at::Tensor shift = on_stats(effective_bias(bias, x) - on_stats(mean, x) * scale, x);
+  const auto [scale, shift] = forward_coefficients(x, mean, var, weight, bias, eps, stats_dtype(x));
   at::Tensor work = x.is_contiguous() ? x : x.contiguous();
   const NCS d = ncs_of(work);
   check_launch(cuda::abn_forward_launch(code, work.mutable_data_ptr(), d.n, d.c, d.s,
@@ -94,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cuda(
     double param) {
   check_abn_input(y_in, "output");
   const int code = dtype_code(y_in);
-  check_grad(y_in, dy_in);
+  check_grad_output(y_in, dy_in);
   check_channel_param(weight, y_in, "weight");
   check_channel_param(bias, y_in, "bias");
   const Activation act = parse_activation(std::string(activation), param);
@@ -126,7 +111,7 @@ at::Tensor abn_backward_elemt_cuda(const at::Tensor& y_in, const at::Tensor& dy_
                                    double eps, c10::string_view activation, double param) {
   check_abn_input(y_in, "output");
   const int code = dtype_code(y_in);
-  check_grad(y_in, dy_in);
+  check_grad_output(y_in, dy_in);
   check_channel_param(var, y_in, "var");
   check_channel_param(weight, y_in, "weight");
   check_channel_param(bias, y_in, "bias");
@@ -137,13 +122,8 @@ at::Tensor abn_backward_elemt_cuda(const at::Tensor& y_in, const at::Tensor& dy_
   const at::Tensor y = y_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   const NCS d = ncs_of(y);
-  const at::Tensor w = effective_weight(weight, y, eps);
-  const at::Tensor b = effective_bias(bias, y);
-  const at::Tensor rstd = (on_stats(var, y) + eps).rsqrt();
-  const at::Tensor m1 = on_stats(mean_dz, y), m2 = on_stats(mean_xhat_dz, y);
-  const at::Tensor k1 = (w * rstd).contiguous();
-  const at::Tensor k2 = (-rstd * m2).contiguous();
-  const at::Tensor k3 = (rstd * m2 * b - k1 * m1).contiguous();
+  const auto [k1, k2, k3] = backward_coefficients(y, var, weight, bias, mean_dz, mean_xhat_dz,
+                                                  eps, stats_dtype(y));
   auto dx = at::empty_like(y, at::MemoryFormat::Contiguous);
   check_launch(cuda::abn_backward_elemt_launch(
                    code, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), d.n,
