@@ -5,5 +5,6 @@ autograd for the ops whose schemas are in ``csrc/ops/<name>.cpp``.
 """
 
 from .abn import inplace_abn, inplace_abn_sync
+from .oc_attention import oc_attention, pyramid_regions
 
-__all__ = ["inplace_abn", "inplace_abn_sync"]
+__all__ = ["inplace_abn", "inplace_abn_sync", "oc_attention", "pyramid_regions"]

@@ -1,0 +1,236 @@
+"""OCNet object-context attention as one op: ``lipfast.ops.oc_attention``.
+
+Single-head, non-causal softmax attention in which query and key are the same
+tensor (OCNet's shared ``f_key``/``f_query`` projection), read straight from the
+B x C x H x W projections: ``out[b, :, n] = sum_m softmax_m(scale * <x_n, x_m>) v[b, :, m]``
+with ``x = qk[b, :, :]`` flattened over H x W. ``regions=s`` restricts
+attention to the s x s pyramid regions of Pyramid-OC (block-diagonal attention
+over regions of unequal size: step = H // s rows each, the last row/column of
+regions absorbing the remainder), all regions of all images in one call.
+
+Registered ops (``torch.library.custom_op``):
+
+- ``lipfast::oc_attention(qk, v, scale, regions) -> (out, lse)``: ``out`` is
+  B x Cv x H x W in ``v``'s dtype, ``lse`` the float32 per-query log-sum-exp
+  (B x H*W), the only thing saved besides the inputs and ``out``.
+- ``lipfast::oc_attention_backward(dout, qk, v, out, lse, scale, regions) -> (dqk, dv)``.
+
+Kernels: on CUDA the Triton kernels of :mod:`lipfast.kernels.oc_attention`
+(flash-style: online softmax, the N x N matrix never stored); on CPU a tiled
+PyTorch path that keeps memory at O(N * d + tile * N). Autograd:
+``torch.library.register_autograd``; fake kernels for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Query rows per CPU tile: memory is O(tile * region size) for the score block.
+_CPU_TILE_ELEMS = 1 << 22
+
+
+def pyramid_regions(h: int, w: int, s: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) of OCNet's s x s pyramid regions in row-major
+    order: step = h // s (w // s), the last row (column) of regions ends at h (w)."""
+    if s <= 1:
+        return [(0, h, 0, w)]
+    sh, sw = h // s, w // s
+    out = []
+    for i in range(s):
+        r0, r1 = i * sh, (h if i == s - 1 else (i + 1) * sh)
+        for j in range(s):
+            c0, c1 = j * sw, (w if j == s - 1 else (j + 1) * sw)
+            out.append((r0, r1, c0, c1))
+    return out
+
+
+def check_oc_attention_args(qk: torch.Tensor, v: torch.Tensor, scale: float, regions: int) -> None:
+    if not isinstance(qk, torch.Tensor) or not isinstance(v, torch.Tensor):
+        raise TypeError("oc_attention expects tensors for qk and v")
+    if qk.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"oc_attention expects B x C x H x W tensors, got qk {tuple(qk.shape)} and "
+            f"v {tuple(v.shape)}"
+        )
+    if qk.shape[0] != v.shape[0] or qk.shape[2:] != v.shape[2:]:
+        raise ValueError(
+            f"oc_attention: qk {tuple(qk.shape)} and v {tuple(v.shape)} must share batch and "
+            "spatial size"
+        )
+    if qk.device != v.device:
+        raise ValueError(f"oc_attention: qk is on {qk.device} but v is on {v.device}")
+    if qk.dtype != v.dtype:
+        raise TypeError(f"oc_attention: qk has dtype {qk.dtype} but v has dtype {v.dtype}")
+    if not qk.is_floating_point():
+        raise TypeError(f"oc_attention expects floating-point inputs, got {qk.dtype}")
+    if qk.shape[1] == 0 or v.shape[1] == 0:
+        raise ValueError("oc_attention: key and value channel counts must be positive")
+    if not math.isfinite(scale):
+        raise ValueError(f"oc_attention: scale must be finite, got {scale}")
+    h, w = qk.shape[2], qk.shape[3]
+    if regions < 0:
+        raise ValueError(f"oc_attention: regions must be >= 0, got {regions}")
+    if regions > 1 and (regions > h or regions > w):
+        raise ValueError(
+            f"oc_attention: {regions} x {regions} pyramid regions do not fit a {h} x {w} map "
+            "(the pyramid scale must not exceed the map's height or width)"
+        )
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _region_views(t: torch.Tensor, reg):
+    """B x n x C (float accumulation dtype) of one region of a B x C x H x W tensor."""
+    r0, r1, c0, c1 = reg
+    return t[:, :, r0:r1, c0:c1].flatten(2).transpose(1, 2).to(_acc_dtype(t))
+
+
+def _tile_rows(n: int) -> int:
+    return max(1, min(n, _CPU_TILE_ELEMS // max(1, n)))
+
+
+def _cpu_forward(qk, v, scale, regions):
+    b, _, h, w = qk.shape
+    cv = v.shape[1]
+    acc = _acc_dtype(qk)
+    out = torch.empty((b, cv, h, w), dtype=v.dtype, device=v.device)
+    lse = torch.empty((b, h, w), dtype=acc, device=qk.device)
+    for reg in pyramid_regions(h, w, regions):
+        r0, r1, c0, c1 = reg
+        x = _region_views(qk, reg)  # B x n x Ck
+        val = _region_views(v, reg)  # B x n x Cv
+        n = x.shape[1]
+        o = torch.empty((b, n, cv), dtype=acc, device=v.device)
+        l = torch.empty((b, n), dtype=acc, device=v.device)
+        step = _tile_rows(n)
+        for i in range(0, n, step):
+            s = torch.bmm(x[:, i : i + step], x.transpose(1, 2)) * scale
+            li = torch.logsumexp(s, dim=-1)
+            o[:, i : i + step] = torch.bmm(torch.exp(s - li.unsqueeze(-1)), val)
+            l[:, i : i + step] = li
+        out[:, :, r0:r1, c0:c1] = o.transpose(1, 2).reshape(b, cv, r1 - r0, c1 - c0)
+        lse[:, r0:r1, c0:c1] = l.reshape(b, r1 - r0, c1 - c0)
+    return out, lse.reshape(b, h * w)
+
+
+def _cpu_backward(dout, qk, v, out, lse, scale, regions):
+    b, _, h, w = qk.shape
+    acc = _acc_dtype(qk)
+    dqk = torch.zeros(qk.shape, dtype=qk.dtype, device=qk.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    lse = lse.reshape(b, h, w)
+    for reg in pyramid_regions(h, w, regions):
+        r0, r1, c0, c1 = reg
+        x, val = _region_views(qk, reg), _region_views(v, reg)
+        o, do = _region_views(out, reg), _region_views(dout, reg)
+        l = lse[:, r0:r1, c0:c1].reshape(b, -1).to(acc)
+        delta = (do * o).sum(-1)  # B x n
+        n = x.shape[1]
+        dx = torch.zeros_like(x)
+        dval = torch.zeros_like(val)
+        step = _tile_rows(n)
+        for i in range(0, n, step):
+            xi = x[:, i : i + step]
+            p = torch.exp(torch.bmm(xi, x.transpose(1, 2)) * scale - l[:, i : i + step, None])
+            doi = do[:, i : i + step]
+            dval += torch.bmm(p.transpose(1, 2), doi)
+            ds = p * (torch.bmm(doi, val.transpose(1, 2)) - delta[:, i : i + step, None])
+            dx[:, i : i + step] += torch.bmm(ds, x) * scale  # as query
+            dx += torch.bmm(ds.transpose(1, 2), xi) * scale  # as key
+        dqk[:, :, r0:r1, c0:c1] = dx.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0).to(qk.dtype)
+        dv[:, :, r0:r1, c0:c1] = dval.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0).to(v.dtype)
+    return dqk, dv
+
+
+@torch.library.custom_op("lipfast::oc_attention", mutates_args=())
+def _oc_attention_op(
+    qk: torch.Tensor, v: torch.Tensor, scale: float, regions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_oc_attention_args(qk, v, scale, regions)
+    return _cpu_forward(qk, v, scale, regions)
+
+
+@_oc_attention_op.register_kernel("cuda")
+def _oc_attention_cuda(qk, v, scale, regions):
+    check_oc_attention_args(qk, v, scale, regions)
+    from ..kernels import oc_attention as kernels
+
+    return kernels.forward(qk, v, scale, regions)
+
+
+@_oc_attention_op.register_fake
+def _oc_attention_fake(qk, v, scale, regions):
+    b, _, h, w = qk.shape
+    out = qk.new_empty((b, v.shape[1], h, w), dtype=v.dtype)
+    lse = qk.new_empty((b, h * w), dtype=_acc_dtype(qk))
+    return out, lse
+
+
+@torch.library.custom_op("lipfast::oc_attention_backward", mutates_args=())
+def _oc_attention_backward_op(
+    dout: torch.Tensor,
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    regions: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cpu_backward(dout, qk, v, out, lse, scale, regions)
+
+
+@_oc_attention_backward_op.register_kernel("cuda")
+def _oc_attention_backward_cuda(dout, qk, v, out, lse, scale, regions):
+    from ..kernels import oc_attention as kernels
+
+    return kernels.backward(dout, qk, v, out, lse, scale, regions)
+
+
+@_oc_attention_backward_op.register_fake
+def _oc_attention_backward_fake(dout, qk, v, out, lse, scale, regions):
+    return torch.empty_like(qk), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    qk, v, scale, regions = inputs
+    out, lse = output
+    ctx.save_for_backward(qk, v, out, lse)
+    ctx.scale = scale
+    ctx.regions = regions
+
+
+def _backward(ctx, dout, dlse):
+    qk, v, out, lse = ctx.saved_tensors
+    dqk, dv = _oc_attention_backward_op(dout.contiguous(), qk, v, out, lse, ctx.scale,
+                                        ctx.regions)
+    return dqk, dv, None, None
+
+
+_oc_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def oc_attention(
+    qk: torch.Tensor, v: torch.Tensor, scale: float | None = None, regions: int | None = None
+) -> torch.Tensor:
+    """Fused OCNet self-attention with shared query/key.
+
+    Args:
+        qk: B x Ck x H x W, the shared key/query projection (any strides).
+        v: B x Cv x H x W values (Cv may differ from Ck).
+        scale: score scale; default ``Ck ** -0.5`` (OCNet's ``key_channels ** -0.5``).
+        regions: ``None`` or 1 for attention over the whole map; ``s > 1`` for
+            attention inside each of the s x s pyramid regions of Pyramid-OC.
+
+    Returns:
+        B x Cv x H x W context, in ``v``'s dtype.
+    """
+    if scale is None:
+        scale = qk.shape[1] ** -0.5 if isinstance(qk, torch.Tensor) and qk.dim() == 4 else 1.0
+    regions = 0 if regions is None else int(regions)
+    check_oc_attention_args(qk, v, float(scale), regions)
+    out, _ = _oc_attention_op(qk, v, float(scale), regions)
+    return out
