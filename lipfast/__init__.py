@@ -6,7 +6,22 @@ registers the ops under ``torch.ops.lipfast``.
 """
 
 from ._ext import build_info
-from .nn import ABN, InPlaceABN, InPlaceABNSync
+from .nn import (
+    ABN,
+    ASP_OC_Module,
+    ASPOCModule,
+    BaseOC_Context_Module,
+    BaseOC_Module,
+    BaseOCContextModule,
+    BaseOCModule,
+    InPlaceABN,
+    InPlaceABNSync,
+    OCModule,
+    Pyramid_OC_Module,
+    PyramidOCModule,
+    PyramidSelfAttentionBlock2D,
+    SelfAttentionBlock2D,
+)
 from .ops import inplace_abn, inplace_abn_sync
 
 __version__ = "0.1.0"
@@ -15,6 +30,17 @@ __all__ = [
     "ABN",
     "InPlaceABN",
     "InPlaceABNSync",
+    "OCModule",
+    "BaseOCModule",
+    "BaseOCContextModule",
+    "PyramidOCModule",
+    "ASPOCModule",
+    "SelfAttentionBlock2D",
+    "PyramidSelfAttentionBlock2D",
+    "BaseOC_Module",
+    "BaseOC_Context_Module",
+    "Pyramid_OC_Module",
+    "ASP_OC_Module",
     "build_info",
     "inplace_abn",
     "inplace_abn_sync",

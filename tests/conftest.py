@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter;
+# it must be switched on before the kernels are first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import lipfast  # noqa: F401  (loads the extension once for every test)
 

@@ -24,6 +24,7 @@ PyTorch path that keeps memory at O(N * d + tile * N). Autograd:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -154,11 +155,33 @@ def _oc_attention_op(
     return _cpu_forward(qk, v, scale, regions)
 
 
+_warned_no_triton = False
+
+
+def _triton_kernels(t: torch.Tensor):
+    """The Triton kernel module for a CUDA tensor, or None: float64 goes to the
+    PyTorch path (tiled, O(N * d) memory), and so does everything when Triton is
+    not installed (with a one-time warning)."""
+    global _warned_no_triton
+    if t.dtype == torch.float64:
+        return None
+    try:
+        from ..kernels import oc_attention as kernels
+    except ImportError as err:
+        if not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn(f"lipfast.oc_attention: Triton is not available ({err}); using the "
+                          "slower PyTorch path on the GPU", stacklevel=3)
+        return None
+    return kernels
+
+
 @_oc_attention_op.register_kernel("cuda")
 def _oc_attention_cuda(qk, v, scale, regions):
     check_oc_attention_args(qk, v, scale, regions)
-    from ..kernels import oc_attention as kernels
-
+    kernels = _triton_kernels(qk)
+    if kernels is None:
+        return _cpu_forward(qk, v, scale, regions)
     return kernels.forward(qk, v, scale, regions)
 
 
@@ -185,14 +208,16 @@ def _oc_attention_backward_op(
 
 @_oc_attention_backward_op.register_kernel("cuda")
 def _oc_attention_backward_cuda(dout, qk, v, out, lse, scale, regions):
-    from ..kernels import oc_attention as kernels
-
+    kernels = _triton_kernels(qk)
+    if kernels is None:
+        return _cpu_backward(dout, qk, v, out, lse, scale, regions)
     return kernels.backward(dout, qk, v, out, lse, scale, regions)
 
 
 @_oc_attention_backward_op.register_fake
 def _oc_attention_backward_fake(dout, qk, v, out, lse, scale, regions):
-    return torch.empty_like(qk), torch.empty_like(v)
+    return (torch.empty_like(qk, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):

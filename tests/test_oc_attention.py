@@ -1,0 +1,256 @@
+"""lipfast.ops.oc_attention against the eager reference (SPEC section 1):
+the op on the CPU path, and the Triton kernels directly (on a GPU, or on CPU
+tensors through TRITON_INTERPRET=1, which conftest.py switches on without a GPU)."""
+
+import pytest
+import torch
+
+import lipfast
+from lipfast.ops import oc_attention, pyramid_regions
+
+from oc_reference import oc_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-10)
+    if dtype == torch.float32:
+        return dict(rtol=2e-4, atol=2e-5)
+    return dict(rtol=3e-2, atol=3e-2)
+
+
+def inputs(b, dk, dv, h, w, dtype, device="cpu", seed=0, layout=None):
+    g = torch.Generator().manual_seed(seed)
+    qk = torch.randn(b, dk, h, w, generator=g, dtype=torch.float64) * 0.8
+    v = torch.randn(b, dv, h, w, generator=g, dtype=torch.float64)
+    do = torch.randn(b, dv, h, w, generator=g, dtype=torch.float64)
+    qk, v, do = (t.to(device, dtype) for t in (qk, v, do))
+    if layout == "channels_last":
+        qk = qk.contiguous(memory_format=torch.channels_last)
+        v = v.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        qk = torch.cat([qk, qk], 3)[..., ::2]
+        v = torch.cat([v, v], 1)[:, ::2]
+    return qk, v, do
+
+
+def reference_grads(qk, v, do, scale, regions):
+    q = qk.detach().double().requires_grad_()
+    vv = v.detach().double().requires_grad_()
+    out = oc_attention_reference(q, vv, scale, regions)
+    dq, dvv = torch.autograd.grad(out, (q, vv), do.double())
+    return out.detach(), dq, dvv
+
+
+CASES = [
+    # b, dk, dv, h, w, regions
+    (2, 6, 6, 7, 9, 0),
+    (1, 5, 11, 13, 11, 0),  # batch 1, dk != dv
+    (2, 4, 7, 13, 11, 3),  # pyramid regions of unequal size
+    (1, 3, 5, 17, 17, 6),  # 6 x 6 regions, remainder in the last row/column
+    (2, 8, 4, 5, 6, 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_cpu_matches_reference(case, dtype):
+    b, dk, dv, h, w, regions = case
+    qk, v, do = inputs(b, dk, dv, h, w, dtype)
+    scale = dk ** -0.5
+    ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, scale, regions)
+    q = qk.clone().requires_grad_()
+    vv = v.clone().requires_grad_()
+    out = oc_attention(q, vv, scale, regions)
+    assert out.dtype == dtype and out.shape == (b, dv, h, w)
+    dq, dvv = torch.autograd.grad(out, (q, vv), do)
+    for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+        torch.testing.assert_close(got.double(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_op_non_contiguous_inputs(layout):
+    qk, v, do = inputs(2, 4, 6, 9, 7, torch.float64, layout=layout)
+    assert not qk.is_contiguous() or not v.is_contiguous()
+    ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, 0.5, 2)
+    q = qk.clone().requires_grad_()
+    vv = v.clone().requires_grad_()
+    out = oc_attention(q, vv, 0.5, 2)
+    dq, dvv = torch.autograd.grad(out, (q, vv), do)
+    for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+        torch.testing.assert_close(got, ref, **tol(torch.float64))
+
+
+def test_op_default_scale_is_key_channels_inverse_sqrt():
+    qk, v, _ = inputs(1, 9, 3, 4, 5, torch.float64)
+    torch.testing.assert_close(oc_attention(qk, v), oc_attention_reference(qk, v, 9 ** -0.5))
+
+
+def test_op_cpu_tiles_large_maps(monkeypatch):
+    # Force several query tiles per region to exercise the tiled CPU path.
+    import sys
+
+    mod = sys.modules["lipfast.ops.oc_attention"]  # the module, not the re-exported function
+    monkeypatch.setattr(mod, "_CPU_TILE_ELEMS", 40)
+    qk, v, do = inputs(1, 3, 4, 9, 8, torch.float64)
+    ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, 0.7, 0)
+    q = qk.clone().requires_grad_()
+    vv = v.clone().requires_grad_()
+    out = oc_attention(q, vv, 0.7)
+    dq, dvv = torch.autograd.grad(out, (q, vv), do)
+    for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+        torch.testing.assert_close(got, ref, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("regions", [0, 2])
+def test_op_gradcheck(regions):
+    qk, v, _ = inputs(2, 3, 2, 4, 5, torch.float64, seed=4)
+    assert torch.autograd.gradcheck(
+        lambda a, b: oc_attention(a, b, 0.6, regions),
+        (qk.requires_grad_(), v.requires_grad_()),
+    )
+
+
+def test_pyramid_regions_follow_ocnet():
+    regs = pyramid_regions(97, 97, 6)
+    assert len(regs) == 36
+    heights = sorted({r1 - r0 for r0, r1, _, _ in regs})
+    assert heights == [16, 17]
+    assert regs[0] == (0, 16, 0, 16) and regs[5] == (0, 16, 80, 97) and regs[-1] == (80, 97, 80, 97)
+    assert pyramid_regions(5, 7, 1) == [(0, 5, 0, 7)]
+    covered = torch.zeros(61, 47, dtype=torch.int64)
+    for r0, r1, c0, c1 in pyramid_regions(61, 47, 3):
+        covered[r0:r1, c0:c1] += 1
+    assert bool((covered == 1).all())
+
+
+def test_opcheck():
+    qk, v, _ = inputs(2, 4, 6, 5, 7, torch.float64)
+    for regions in (0, 2):
+        torch.library.opcheck(torch.ops.lipfast.oc_attention.default,
+                              (qk.clone().requires_grad_(), v.clone().requires_grad_(), 0.5,
+                               regions))
+    out, lse = torch.ops.lipfast.oc_attention(qk, v, 0.5, 2)
+    torch.library.opcheck(torch.ops.lipfast.oc_attention_backward.default,
+                          (torch.randn_like(out), qk, v, out, lse, 0.5, 2))
+
+
+def test_torch_compile_fullgraph():
+    qk, v, do = inputs(2, 4, 6, 7, 5, torch.float32)
+
+    def f(a, b):
+        return oc_attention(a * 2, b, 0.3, 2).sin()
+
+    q1, v1 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+    q2, v2 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+    expect = f(q1, v1)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q2, v2)
+    torch.testing.assert_close(got, expect)
+    (expect * do).sum().backward()
+    (got * do).sum().backward()
+    torch.testing.assert_close(q2.grad, q1.grad)
+    torch.testing.assert_close(v2.grad, v1.grad)
+
+
+def test_bad_input():
+    qk, v, _ = inputs(1, 4, 5, 6, 6, torch.float32)
+    with pytest.raises(ValueError, match="B x C x H x W"):
+        oc_attention(qk[0], v[0])
+    with pytest.raises(ValueError, match="share batch and spatial size"):
+        oc_attention(qk, v[:, :, :5])
+    with pytest.raises(TypeError, match="dtype"):
+        oc_attention(qk, v.double())
+    with pytest.raises(ValueError, match="do not fit"):
+        oc_attention(qk, v, regions=7)
+    with pytest.raises(ValueError, match="is on meta"):
+        oc_attention(qk, v.to("meta"))
+    with pytest.raises(TypeError, match="floating-point"):
+        oc_attention(qk.long(), v.long())
+
+
+# ------------------------------------------------- Triton kernels (GPU or interpreter)
+
+triton = pytest.importorskip("triton")
+
+
+def kernels():
+    from lipfast.kernels import oc_attention as k
+
+    return k
+
+
+TRITON_CASES = [
+    # b, dk, dv, h, w, regions, block (query/key tile, channel chunk)
+    (2, 5, 7, 7, 9, 0, 16),  # N = 63: not a multiple of the tile
+    (1, 20, 33, 13, 11, 3, 16),  # unequal regions, dk != dv, channel chunks
+    (2, 8, 8, 6, 6, 2, 16),
+    (1, 16, 40, 9, 10, 0, 32),
+    (1, 4, 6, 11, 13, 6, 16),  # 6 x 6 regions smaller than a tile
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_kernels_forward_backward(case, dtype):
+    if DEVICE == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 on the GPU is served by the PyTorch path")
+    b, dk, dv, h, w, regions, block = case
+    qk, v, do = inputs(b, dk, dv, h, w, dtype, device=DEVICE)
+    scale = dk ** -0.5
+    k = kernels()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out, lse = k.forward(qk, v, scale, regions, block_m=block, block_n=block, block_d=16)
+    dq, dvv = k.backward(do, qk, v, out, lse, scale, regions, block_m=block, block_n=block,
+                         block_d=16)
+    ref_out, ref_dq, ref_dv = reference_grads(qk.cpu(), v.cpu(), do.cpu(), scale, regions)
+    for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+        torch.testing.assert_close(got.double().cpu(), ref, **tol(dtype))
+    # lse is the log-sum-exp of the scaled scores of each query's region
+    x = qk.double().cpu()
+    for r0, r1, c0, c1 in pyramid_regions(h, w, regions)[:2]:
+        xr = x[:, :, r0:r1, c0:c1].flatten(2)
+        ref_lse = torch.logsumexp(torch.einsum("bcn,bcm->bnm", xr, xr) * scale, -1)
+        got_lse = lse.double().cpu().reshape(b, h, w)[:, r0:r1, c0:c1].flatten(1)
+        torch.testing.assert_close(got_lse, ref_lse, **tol(dtype))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_triton_kernels_strided_inputs(layout):
+    qk, v, do = inputs(2, 6, 5, 9, 7, torch.float32, device=DEVICE, layout=layout)
+    do = do.transpose(2, 3).contiguous().transpose(2, 3)  # strided grad too
+    k = kernels()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out, lse = k.forward(qk, v, 0.4, 2, block_m=16, block_n=16, block_d=16)
+    dq, dvv = k.backward(do, qk, v, out, lse, 0.4, 2, block_m=16, block_n=16, block_d=16)
+    ref_out, ref_dq, ref_dv = reference_grads(qk.cpu(), v.cpu(), do.cpu(), 0.4, 2)
+    for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+        torch.testing.assert_close(got.double().cpu(), ref, **tol(torch.float32))
+
+
+def test_triton_kernels_extreme_scores_stay_finite():
+    # Large scores: the online softmax must not overflow.
+    qk, v, do = inputs(1, 8, 4, 6, 5, torch.float32, device=DEVICE)
+    qk = qk * 30
+    k = kernels()
+    out, lse = k.forward(qk, v, 1.0, 0, block_m=16, block_n=16, block_d=16)
+    ref = oc_attention_reference(qk.double().cpu(), v.double().cpu(), 1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_op_matches_reference(dtype):
+    qk, v, do = inputs(2, 64, 96, 23, 19, dtype, device="cuda")
+    for regions in (0, 3):
+        ref_out, ref_dq, ref_dv = reference_grads(qk.cpu(), v.cpu(), do.cpu(), 0.125, regions)
+        q = qk.clone().requires_grad_()
+        vv = v.clone().requires_grad_()
+        out = oc_attention(q, vv, 0.125, regions)
+        dq, dvv = torch.autograd.grad(out, (q, vv), do)
+        t = tol(dtype) if dtype != torch.float32 else dict(rtol=2e-2, atol=2e-2)  # tf32
+        for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
+            scale = max(1.0, ref.abs().max().item())
+            torch.testing.assert_close(got.double().cpu() / scale, ref / scale, **t)
