@@ -273,3 +273,18 @@ def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count(": ok in") == 3 * len(dtypes), res.stdout
+
+
+@pytest.mark.parametrize("regions", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_lse_output(regions, dtype):
+    qk, v, _ = inputs(2, 5, 3, 10, 9, dtype)
+    qk = qk * 4  # peaked rows
+    _, lse = torch.ops.lipfast.oc_attention(qk, v, 0.5, regions)
+    x = qk.double()
+    ref = torch.empty(2, 10, 9, dtype=torch.float64)
+    for r0, r1, c0, c1 in pyramid_regions(10, 9, regions):
+        xr = x[:, :, r0:r1, c0:c1].flatten(2)
+        ref[:, r0:r1, c0:c1] = torch.logsumexp(torch.einsum("bcn,bcm->bnm", xr, xr) * 0.5,
+                                               -1).reshape(2, r1 - r0, c1 - c0)
+    torch.testing.assert_close(lse.double(), ref.flatten(1), **tol(dtype))

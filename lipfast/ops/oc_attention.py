@@ -94,56 +94,76 @@ def _tile_rows(n: int) -> int:
     return max(1, min(n, _CPU_TILE_ELEMS // max(1, n)))
 
 
+def _softmax_with_lse(s: torch.Tensor):
+    """(softmax over the last axis, its log-sum-exp). The fused softmax does the
+    work; the log-sum-exp is read off each row's largest probability
+    (lse_i = s_ij - log p_ij at j = argmax, where p_ij >= 1 / n keeps it exact)."""
+    p = torch.softmax(s, dim=-1)
+    pmax, idx = p.max(dim=-1, keepdim=True)
+    lse = (s.gather(-1, idx) - pmax.log()).squeeze(-1)
+    return p, lse
+
+
 def _cpu_forward(qk, v, scale, regions):
+    """PyTorch path (CPU, and float64 on CUDA): per region, query tiles of at most
+    _CPU_TILE_ELEMS scores; fused softmax; O(N * d + tile) memory."""
     b, _, h, w = qk.shape
     cv = v.shape[1]
     acc = _acc_dtype(qk)
     out = torch.empty((b, cv, h, w), dtype=v.dtype, device=v.device)
     lse = torch.empty((b, h, w), dtype=acc, device=qk.device)
-    for reg in pyramid_regions(h, w, regions):
+    for reg in pyramid_regions(h, w, regions):  # the regions tile the whole map
         r0, r1, c0, c1 = reg
         x = _region_views(qk, reg)  # B x n x Ck
+        xs = x * scale
         val = _region_views(v, reg)  # B x n x Cv
         n = x.shape[1]
         o = torch.empty((b, n, cv), dtype=acc, device=v.device)
         l = torch.empty((b, n), dtype=acc, device=v.device)
         step = _tile_rows(n)
         for i in range(0, n, step):
-            s = torch.bmm(x[:, i : i + step], x.transpose(1, 2)) * scale
-            li = torch.logsumexp(s, dim=-1)
-            o[:, i : i + step] = torch.bmm(torch.exp(s - li.unsqueeze(-1)), val)
-            l[:, i : i + step] = li
+            p, l[:, i : i + step] = _softmax_with_lse(torch.bmm(xs[:, i : i + step], x.transpose(1, 2)))
+            torch.bmm(p, val, out=o[:, i : i + step])
         out[:, :, r0:r1, c0:c1] = o.transpose(1, 2).reshape(b, cv, r1 - r0, c1 - c0)
         lse[:, r0:r1, c0:c1] = l.reshape(b, r1 - r0, c1 - c0)
     return out, lse.reshape(b, h * w)
 
 
 def _cpu_backward(dout, qk, v, out, lse, scale, regions):
+    """Backward of the PyTorch path: recomputes each tile's softmax and uses the
+    fused softmax backward, dS = P * (dP - rowsum(dP * P)) with dP = dO V^T."""
     b, _, h, w = qk.shape
-    acc = _acc_dtype(qk)
-    dqk = torch.zeros(qk.shape, dtype=qk.dtype, device=qk.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    lse = lse.reshape(b, h, w)
+    dqk = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     for reg in pyramid_regions(h, w, regions):
         r0, r1, c0, c1 = reg
-        x, val = _region_views(qk, reg), _region_views(v, reg)
-        o, do = _region_views(out, reg), _region_views(dout, reg)
-        l = lse[:, r0:r1, c0:c1].reshape(b, -1).to(acc)
-        delta = (do * o).sum(-1)  # B x n
+        x, val, do = _region_views(qk, reg), _region_views(v, reg), _region_views(dout, reg)
+        xs = x * scale
         n = x.shape[1]
-        dx = torch.zeros_like(x)
-        dval = torch.zeros_like(val)
         step = _tile_rows(n)
-        for i in range(0, n, step):
-            xi = x[:, i : i + step]
-            p = torch.exp(torch.bmm(xi, x.transpose(1, 2)) * scale - l[:, i : i + step, None])
-            doi = do[:, i : i + step]
-            dval += torch.bmm(p.transpose(1, 2), doi)
-            ds = p * (torch.bmm(doi, val.transpose(1, 2)) - delta[:, i : i + step, None])
-            dx[:, i : i + step] += torch.bmm(ds, x) * scale  # as query
-            dx += torch.bmm(ds.transpose(1, 2), xi) * scale  # as key
-        dqk[:, :, r0:r1, c0:c1] = dx.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0).to(qk.dtype)
-        dv[:, :, r0:r1, c0:c1] = dval.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0).to(v.dtype)
+        if step >= n:
+            # One tile holds the region: X is both query and key, so
+            # dX = scale * (dS + dS^T) X in a single product.
+            p = torch.softmax(torch.bmm(xs, x.transpose(1, 2)), dim=-1)
+            dval = torch.bmm(p.transpose(1, 2), do)
+            ds = torch.ops.aten._softmax_backward_data(
+                torch.bmm(do, val.transpose(1, 2)), p, -1, p.dtype)
+            del p
+            dx = torch.bmm(ds.add_(ds.transpose(1, 2).clone()), xs)
+        else:
+            dx = torch.zeros_like(x)
+            dval = torch.zeros_like(val)
+            for i in range(0, n, step):
+                p = torch.softmax(torch.bmm(xs[:, i : i + step], x.transpose(1, 2)), dim=-1)
+                doi = do[:, i : i + step]
+                dval += torch.bmm(p.transpose(1, 2), doi)
+                ds = torch.ops.aten._softmax_backward_data(
+                    torch.bmm(doi, val.transpose(1, 2)), p, -1, p.dtype)
+                del p
+                dx[:, i : i + step] += torch.bmm(ds, xs)  # as query
+                dx += torch.bmm(ds.transpose(1, 2), xs[:, i : i + step])  # as key
+        dqk[:, :, r0:r1, c0:c1] = dx.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0)
+        dv[:, :, r0:r1, c0:c1] = dval.transpose(1, 2).reshape(b, -1, r1 - r0, c1 - c0)
     return dqk, dv
 
 
