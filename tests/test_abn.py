@@ -413,6 +413,24 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_fullgraph_without_grad(training):
+    # Inference and BN re-estimation run under no_grad: no autograd Function then.
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3), lipfast.InPlaceABNSync(6)).train(training)
+
+    abn_ops._warned_no_group = True
+    eager, comp = build(), build()
+    x = torch.randn(2, 3, 8, 7)
+    with torch.no_grad():
+        expect = eager(x)
+        got = torch.compile(comp, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(comp[1].running_mean, eager[1].running_mean)
+    torch.testing.assert_close(comp[1].running_var, eager[1].running_var)
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     torch.manual_seed(0)

@@ -110,7 +110,8 @@ class RefPyramidSelfAttentionBlock2D(RefSelfAttentionBlock2D):
         for i in range(s):
             for j in range(s):
                 k = j + i * s
-                sx, ex, sy, ey = local_x[2 * k], local_x[2 * k + 1], local_y[2 * k], local_y[2 * k + 1]
+                sx, ex = local_x[2 * k], local_x[2 * k + 1]
+                sy, ey = local_y[2 * k], local_y[2 * k + 1]
                 v_l, q_l, k_l = (t[:, :, sx:ex, sy:ey] for t in (value, query, key))
                 h_l, w_l = v_l.size(2), v_l.size(3)
                 v_l = v_l.contiguous().view(b, self.value_channels, -1).permute(0, 2, 1)
@@ -186,9 +187,8 @@ class RefASPOC(nn.Module):
                                              nn.Dropout2d(0.1))
 
     def forward(self, x):
-        if isinstance(x, (list, tuple)):
-            feats = [self.forward(t) for t in x]  # OCNet's result takes feat[0]
-            return feats[0]
+        if isinstance(x, (list, tuple)):  # OCNet's result is built from feat[0]
+            x = x[0]
         return self.conv_bn_dropout(torch.cat(
             [self.context(x), self.conv2(x), self.conv3(x), self.conv4(x), self.conv5(x)], 1))
 
@@ -197,16 +197,19 @@ class RefASPOC(nn.Module):
 
 
 def tol(dtype):
-    return dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    return dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
 
 
-def assert_close(actual, expected, dtype, name=""):
+def assert_close(actual, expected, dtype, name="", scale=0.0):
     """float64: tight. float32: the materialised-softmax reference itself is only good to
-    about 2e-5 of a tensor's largest entry (gradients reach ~500 here), so the
-    absolute tolerance is 1e-4 of that; a wiring error is off by O(100%)."""
+    about 2e-5 of a tensor's largest entry (gradients reach ~500 here), so the absolute
+    tolerance is 1e-4 of that, and at least 2e-5 of ``scale`` (the largest parameter
+    gradient of the module: several bias gradients are exactly 0 in float64 -- a
+    per-channel constant before a batch-statistics norm -- and float32 noise there
+    scales with the module's gradients). A wiring error is off by O(100%)."""
     t = tol(dtype)
     if dtype != torch.float64:
-        t["atol"] = max(t["atol"], 1e-4 * float(expected.abs().max()))
+        t["atol"] = max(t["atol"], 1e-4 * float(expected.abs().max()), 2e-5 * scale)
     torch.testing.assert_close(actual, expected, **t, msg=lambda m: f"{name}: {m}")
 
 
@@ -280,8 +283,9 @@ def compare(lip, ref, x, training, dtype, legacy=False, seed=None):
     assert_close(o_l, o_r, dtype, "output")
     assert_close(dx_l, dx_r, dtype, "input grad")
     assert gp_l.keys() == gp_r.keys()
+    scale = max(float(g.abs().max()) for g in gp_r.values())
     for k in gp_r:
-        assert_close(gp_l[k], gp_r[k], dtype, f"grad {k}")
+        assert_close(gp_l[k], gp_r[k], dtype, f"grad {k}", scale)
     assert buf_l.keys() == buf_r.keys()
     for k in buf_r:
         if not training or legacy or not _is_key_norm(k):
@@ -300,7 +304,9 @@ def data(shape, dtype, seed=1):
 
 
 DTYPES = [torch.float64, torch.float32]
-H, W_ = 61, 47  # odd sizes: floor pooling drops a row and a column; uneven regions
+# Odd sizes: floor pooling drops rows/cols; the last pyramid regions are larger.
+BIG = (61, 47)
+SMALL = (31, 23)
 
 
 # ----------------------------------------------------------------- against the reference
@@ -312,7 +318,7 @@ H, W_ = 61, 47  # odd sizes: floor pooling drops a row and a column; uneven regi
 def test_self_attention_block(scale, training, legacy, dtype):
     lip, ref = pair(oc.SelfAttentionBlock2D, RefSelfAttentionBlock2D, (8, 4, 6, 5, scale),
                     dict(legacy_double_projection=legacy), dtype=dtype, seed=scale)
-    compare(lip, ref, data((2, 8, H, W_), dtype), training, dtype, legacy)
+    compare(lip, ref, data((2, 8, *SMALL), dtype), training, dtype, legacy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +328,7 @@ def test_pyramid_self_attention_block(scale, training, legacy, dtype):
     lip, ref = pair(oc.PyramidSelfAttentionBlock2D, RefPyramidSelfAttentionBlock2D,
                     (8, 4, 6, 5, scale), dict(legacy_double_projection=legacy), dtype=dtype,
                     seed=scale)
-    compare(lip, ref, data((2, 8, H, W_), dtype), training, dtype, legacy)
+    compare(lip, ref, data((2, 8, *SMALL), dtype), training, dtype, legacy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -334,7 +340,7 @@ def test_base_oc_modules(context_only, training, dtype):
     args = (8, 8, 4, 6, 0.2, [1, 2])
     lip, ref = pair(cls, RefBaseOC, args, ref_kwargs=dict(context_only=context_only),
                     dtype=dtype)
-    compare(lip, ref, data((2, 8, H, W_), dtype), training, dtype, seed=7)
+    compare(lip, ref, data((1, 8, *BIG), dtype), training, dtype, seed=7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -342,15 +348,14 @@ def test_base_oc_modules(context_only, training, dtype):
 def test_pyramid_oc_module(training, legacy, dtype):
     lip, ref = pair(oc.PyramidOCModule, RefPyramidOC, (8, 8, 0.2, [1, 2, 3, 6]),
                     dict(legacy_double_projection=legacy), dtype=dtype)
-    compare(lip, ref, data((2, 8, H, W_), dtype), training, dtype, legacy, seed=3)
+    compare(lip, ref, data((1, 8, *BIG), dtype), training, dtype, legacy, seed=3)
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_pyramid_oc_module_97x97_batch1(training):
-    # Cityscapes-sized map (N = 9409; regions of 16 and 17 rows/cols at scale 6).
+def test_pyramid_oc_module_97x97_batch1():
+    # Cityscapes-sized map (N = 9409; regions of 16 and 17 rows/cols at scale 6), training.
     dtype = torch.float32
     lip, ref = pair(oc.PyramidOCModule, RefPyramidOC, (4, 4, 0.0, [1, 2, 3, 6]), dtype=dtype)
-    compare(lip, ref, data((1, 4, 97, 97), dtype), training, dtype)
+    compare(lip, ref, data((1, 4, 97, 97), dtype), True, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -426,7 +431,7 @@ def test_legacy_double_projection(cls, args):
 
 def test_structure_and_defaults():
     m = oc.SelfAttentionBlock2D(8, 4, 6, scale=2)
-    assert [n for n, _ in m.named_children()] == ["pool", "f_key", "f_query", "f_value", "W"]
+    assert list(m._modules) == ["pool", "f_key", "f_query", "f_value", "W"]
     assert m.f_query is m.f_key
     assert m.out_channels == 8 and m.W.out_channels == 8
     assert m.pool.kernel_size == (2, 2)
@@ -435,7 +440,7 @@ def test_structure_and_defaults():
     assert type(norm) is lipfast.InPlaceABNSync
     assert norm.activation == "leaky_relu" and norm.activation_param == 0.01
     p = oc.PyramidSelfAttentionBlock2D(8, 4, 6)
-    assert [n for n, _ in p.named_children()] == ["f_key", "f_query", "f_value", "W"]
+    assert list(p._modules) == ["f_key", "f_query", "f_value", "W"]
     # Zero W: the stages contribute nothing until trained.
     b = oc.BaseOCModule(8, 8, 4, 6, 0.0, [1, 2]).eval()
     x = torch.randn(2, 8, 9, 7)
@@ -571,7 +576,7 @@ def test_norm_layer_batchnorm():
     assert all(type(m) is not lipfast.InPlaceABNSync for m in lip.modules())
     assert "stages.1.f_query.1.num_batches_tracked" in lip.state_dict()
     assert list(lip.state_dict()) == list(ref.state_dict())
-    compare(lip, ref, data((2, 8, H, W_), dtype), True, dtype)
+    compare(lip, ref, data((2, 8, *BIG), dtype), True, dtype)
     lip, ref = pair(oc.ASPOCModule, RefASPOC, (6, 4, (2, 3, 5), "legacy"), kw,
                     dict(norm=nn.BatchNorm2d), dtype=dtype, keep_counters=True)
     assert isinstance(lip.context[2].stages[0].f_key[1], nn.BatchNorm2d)
@@ -584,13 +589,13 @@ def test_norm_layer_batchnorm():
 def test_norm_layer_partial_inplace_abn_identity():
     dtype = torch.float64
     norm = functools.partial(lipfast.InPlaceABN, activation="identity")
-    lip, ref = pair(oc.BaseOCModule, RefBaseOC, (8, 8, 4, 6, 0.0, [1, 2]),
-                    dict(norm_layer=norm),
-                    dict(norm=functools.partial(RefABN, activation="identity")), dtype=dtype)
-    norms = [m for m in lip.modules() if isinstance(m, lipfast.InPlaceABN)]
-    assert len(norms) == 3 and all(
-        type(m) is lipfast.InPlaceABN and m.activation == "identity" for m in norms)
     for training in (True, False):
+        lip, ref = pair(oc.BaseOCModule, RefBaseOC, (8, 8, 4, 6, 0.0, [1, 2]),
+                        dict(norm_layer=norm),
+                        dict(norm=functools.partial(RefABN, activation="identity")), dtype=dtype)
+        norms = [m for m in lip.modules() if isinstance(m, lipfast.InPlaceABN)]
+        assert len(norms) == 3 and all(
+            type(m) is lipfast.InPlaceABN and m.activation == "identity" for m in norms)
         compare(lip, ref, data((2, 8, 21, 17), dtype), training, dtype)
 
 
@@ -658,29 +663,37 @@ def test_bad_constructor_arguments():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    torch.manual_seed(0)
     eager = randomize(oc.BaseOCModule(8, 8, 4, 6, 0.0, [1, 2]))
     comp = copy.deepcopy(eager)
     compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
     x = data((2, 8, 13, 11), torch.float32)
     gy = data((2, 8, 13, 11), torch.float32, seed=4)
-    for m in (eager, comp):
-        m.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x))
-    for m in (eager, comp):
-        m.train()
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ye, yc = eager(xe), compiled(xc)
-    torch.testing.assert_close(yc, ye)
-    ye.backward(gy)
-    yc.backward(gy)
-    torch.testing.assert_close(xc.grad, xe.grad)
+    for step in range(2):
+        for m in (eager, comp):
+            m.train()
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        torch.testing.assert_close(yc, ye)
+        ye.backward(gy)
+        yc.backward(gy)
+        torch.testing.assert_close(xc.grad, xe.grad)
+    scale = max(float(p.grad.abs().max()) for p in eager.parameters())
     for (n, pe), pc in zip(eager.named_parameters(), comp.parameters()):
-        torch.testing.assert_close(pc.grad, pe.grad, msg=lambda m, n=n: f"{n}: {m}")
+        assert_close(pc.grad, pe.grad, torch.float32, n, scale)
     for (n, be), bc in zip(eager.named_buffers(), comp.buffers()):
         torch.testing.assert_close(bc, be, msg=lambda m, n=n: f"{n}: {m}")
+    assert int(comp.stages[0].f_key[1].num_batches_tracked) == 2
+    # Eval (grad mode on: see the no_grad case below).
     for m in (eager, comp):
         m.eval()
+    torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_torch_compile_fullgraph_no_grad():
+    m = oc.BaseOCModule(8, 8, 4, 6, 0.0, [1]).eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x))
+        for p in m.parameters():
+            p.uniform_(-0.5, 0.5)
+        x = torch.randn(1, 8, 5, 5)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(got, m(x))

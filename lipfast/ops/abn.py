@@ -193,6 +193,35 @@ def _too_few_values(shape) -> ValueError:
     )
 
 
+def _normalize_in_place(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                        activation, activation_param, sync, group):
+    """The forward: statistics (merged across ranks when ``sync``), running-stat
+    update, then ``abn_forward_`` into ``x``. Returns (var used, count used)."""
+    channels = x.shape[1]
+    local_count = x.numel() // channels if channels else 0
+    if training:
+        mean, var = _ops.abn_stats(x)
+        if sync:
+            mean, var, count = _merge_stats(mean, var, local_count, group)
+            # A rank with >= 2 local values proves the global count is >= 2;
+            # only ranks without read the merged count (a host sync, rare).
+            if local_count < 2 and float(count) < 2:
+                raise _too_few_values(None)
+        else:
+            if local_count < 2:
+                raise _too_few_values(x.shape)
+            count = local_count
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1))
+                running_mean.mul_(1.0 - momentum).add_(momentum * mean.to(running_mean.dtype))
+                running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+    else:
+        mean, var, count = running_mean, running_var, local_count
+    _ops.abn_forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+    return var, count
+
+
 class InPlaceABNFunction(torch.autograd.Function):
     """Composes the ABN ops; ``sync=True`` merges statistics across ``group``."""
 
@@ -212,28 +241,8 @@ class InPlaceABNFunction(torch.autograd.Function):
         sync,
         group,
     ):
-        channels = x.shape[1]
-        local_count = x.numel() // channels if channels else 0
-        if training:
-            mean, var = _ops.abn_stats(x)
-            if sync:
-                mean, var, count = _merge_stats(mean, var, local_count, group)
-                # A rank with >= 2 local values proves the global count is >= 2;
-                # only ranks without read the merged count (a host sync, rare).
-                if local_count < 2 and float(count) < 2:
-                    raise _too_few_values(None)
-            else:
-                if local_count < 2:
-                    raise _too_few_values(x.shape)
-                count = local_count
-            if running_mean is not None and running_var is not None:
-                with torch.no_grad():
-                    unbiased = var * (count / (count - 1))
-                    running_mean.mul_(1.0 - momentum).add_(momentum * mean.to(running_mean.dtype))
-                    running_var.mul_(1.0 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-        else:
-            mean, var, count = running_mean, running_var, local_count
-        _ops.abn_forward_(x, mean, var, weight, bias, eps, activation, activation_param)
+        var, count = _normalize_in_place(x, weight, bias, running_mean, running_var, training,
+                                         momentum, eps, activation, activation_param, sync, group)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, var, weight, bias)
         ctx.count = count
@@ -290,10 +299,16 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
     act = normalize_activation(activation, activation_param, inplace=True)
     if not training and (running_mean is None or running_var is None):
         raise ValueError("ABN in eval mode needs running_mean and running_var")
-    return InPlaceABNFunction.apply(
-        x, weight, bias, running_mean, running_var, bool(training), float(momentum),
-        float(eps), act, float(activation_param), sync, group,
-    )
+    args = (x, weight, bias, running_mean, running_var, bool(training), float(momentum),
+            float(eps), act, float(activation_param), sync, group)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad:
+        # Nothing to differentiate (inference, frozen layers): skip the autograd
+        # Function, whose mark_dirty torch.compile cannot trace without grad.
+        _normalize_in_place(*args)
+        return x
+    return InPlaceABNFunction.apply(*args)
 
 
 def inplace_abn(
