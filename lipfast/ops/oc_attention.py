@@ -28,7 +28,8 @@ import warnings
 
 import torch
 
-# Query rows per CPU tile: memory is O(tile * region size) for the score block.
+# Scores per CPU tile, over the whole batch: a tile holds B x rows x n scores
+# (16 MiB in float32), so memory stays O(N * d) plus a bounded tile.
 _CPU_TILE_ELEMS = 1 << 22
 
 
@@ -90,8 +91,8 @@ def _region_views(t: torch.Tensor, reg):
     return t[:, :, r0:r1, c0:c1].flatten(2).transpose(1, 2).to(_acc_dtype(t))
 
 
-def _tile_rows(n: int) -> int:
-    return max(1, min(n, _CPU_TILE_ELEMS // max(1, n)))
+def _tile_rows(batch: int, n: int) -> int:
+    return max(1, min(n, _CPU_TILE_ELEMS // max(1, batch * n)))
 
 
 def _softmax_with_lse(s: torch.Tensor):
@@ -120,7 +121,7 @@ def _cpu_forward(qk, v, scale, regions):
         n = x.shape[1]
         o = torch.empty((b, n, cv), dtype=acc, device=v.device)
         l = torch.empty((b, n), dtype=acc, device=v.device)
-        step = _tile_rows(n)
+        step = _tile_rows(b, n)
         for i in range(0, n, step):
             p, l[:, i : i + step] = _softmax_with_lse(torch.bmm(xs[:, i : i + step], x.transpose(1, 2)))
             torch.bmm(p, val, out=o[:, i : i + step])
@@ -140,7 +141,7 @@ def _cpu_backward(dout, qk, v, out, lse, scale, regions):
         x, val, do = _region_views(qk, reg), _region_views(v, reg), _region_views(dout, reg)
         xs = x * scale
         n = x.shape[1]
-        step = _tile_rows(n)
+        step = _tile_rows(b, n)
         if step >= n:
             # One tile holds the region: X is both query and key, so
             # dX = scale * (dS + dS^T) X in a single product.
