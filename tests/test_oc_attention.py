@@ -2,6 +2,8 @@
 the op on the CPU path, and the Triton kernels directly (on a GPU, or on CPU
 tensors through TRITON_INTERPRET=1, which conftest.py switches on without a GPU)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -11,6 +13,18 @@ from lipfast.ops import oc_attention, pyramid_regions
 from oc_reference import oc_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OP_MODULE = sys.modules["lipfast.ops.oc_attention"]  # the module (the package re-exports the function)
+
+
+@pytest.fixture(params=["flash", "tiled"])
+def cpu_impl(request, monkeypatch):
+    """Runs a test on each PyTorch implementation of the op: ATen's CPU flash
+    kernel (the default on CPU) and the tiled path (CUDA float64, older torch)."""
+    if request.param == "tiled":
+        monkeypatch.setattr(OP_MODULE, "_cpu_flash", None)
+    elif OP_MODULE._cpu_flash is None:
+        pytest.skip("this torch has no CPU flash-attention kernel")
+    return request.param
 
 
 def tol(dtype):
@@ -56,7 +70,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_op_cpu_matches_reference(case, dtype):
+def test_op_cpu_matches_reference(case, dtype, cpu_impl):
     b, dk, dv, h, w, regions = case
     qk, v, do = inputs(b, dk, dv, h, w, dtype)
     scale = dk ** -0.5
@@ -71,7 +85,7 @@ def test_op_cpu_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_op_non_contiguous_inputs(layout):
+def test_op_non_contiguous_inputs(layout, cpu_impl):
     qk, v, do = inputs(2, 4, 6, 9, 7, torch.float64, layout=layout)
     assert not qk.is_contiguous() or not v.is_contiguous()
     ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, 0.5, 2)
@@ -88,24 +102,23 @@ def test_op_default_scale_is_key_channels_inverse_sqrt():
     torch.testing.assert_close(oc_attention(qk, v), oc_attention_reference(qk, v, 9 ** -0.5))
 
 
-def test_op_cpu_tiles_large_maps(monkeypatch):
-    # Force several query tiles per region to exercise the tiled CPU path.
-    import sys
-
-    mod = sys.modules["lipfast.ops.oc_attention"]  # the module, not the re-exported function
-    monkeypatch.setattr(mod, "_CPU_TILE_ELEMS", 40)
+@pytest.mark.parametrize("regions", [0, 2])
+def test_op_tiled_path_with_several_tiles(monkeypatch, regions):
+    # Force several query tiles per region in the tiled path.
+    monkeypatch.setattr(OP_MODULE, "_cpu_flash", None)
+    monkeypatch.setattr(OP_MODULE, "_CPU_TILE_ELEMS", 40)
     qk, v, do = inputs(1, 3, 4, 9, 8, torch.float64)
-    ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, 0.7, 0)
+    ref_out, ref_dq, ref_dv = reference_grads(qk, v, do, 0.7, regions)
     q = qk.clone().requires_grad_()
     vv = v.clone().requires_grad_()
-    out = oc_attention(q, vv, 0.7)
+    out = oc_attention(q, vv, 0.7, regions)
     dq, dvv = torch.autograd.grad(out, (q, vv), do)
     for got, ref in ((out, ref_out), (dq, ref_dq), (dvv, ref_dv)):
         torch.testing.assert_close(got, ref, **tol(torch.float64))
 
 
 @pytest.mark.parametrize("regions", [0, 2])
-def test_op_gradcheck(regions):
+def test_op_gradcheck(regions, cpu_impl):
     qk, v, _ = inputs(2, 3, 2, 4, 5, torch.float64, seed=4)
     assert torch.autograd.gradcheck(
         lambda a, b: oc_attention(a, b, 0.6, regions),
@@ -277,7 +290,7 @@ def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
 
 @pytest.mark.parametrize("regions", [0, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_op_lse_output(regions, dtype):
+def test_op_lse_output(regions, dtype, cpu_impl):
     qk, v, _ = inputs(2, 5, 3, 10, 9, dtype)
     qk = qk * 4  # peaked rows
     _, lse = torch.ops.lipfast.oc_attention(qk, v, 0.5, regions)

@@ -168,12 +168,92 @@ def _cpu_backward(dout, qk, v, out, lse, scale, regions):
     return dqk, dv
 
 
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cpu_flash_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
+                         None)
+
+
+def _region_groups(h: int, w: int, regions: int):
+    """The pyramid regions grouped by size: [(rows, cols, [(row0, col0), ...]), ...]
+    (at most four groups), so equal-size regions run as one batched call."""
+    groups: dict = {}
+    for r0, r1, c0, c1 in pyramid_regions(h, w, regions):
+        groups.setdefault((r1 - r0, c1 - c0), []).append((r0, c0))
+    return [(rh, rw, starts) for (rh, rw), starts in groups.items()]
+
+
+def _gather(t: torch.Tensor, rh: int, rw: int, starts, width: int) -> torch.Tensor:
+    """B x k x (rh * rw) x width contiguous: the k regions of t (B x C x H x W) as
+    'heads', channels last and zero-padded to ``width``."""
+    parts = [t[:, :, r0 : r0 + rh, c0 : c0 + rw] for r0, c0 in starts]
+    g = torch.stack(parts, 1).flatten(3).transpose(2, 3)  # B x k x n x C
+    if g.shape[-1] < width:
+        g = torch.nn.functional.pad(g, (0, width - g.shape[-1]))
+    return g.contiguous()
+
+
+def _scatter(dst: torch.Tensor, src: torch.Tensor, rh: int, rw: int, starts) -> None:
+    """Inverse of _gather for the first dst.shape[1] channels of src."""
+    b, c = dst.shape[0], dst.shape[1]
+    for i, (r0, c0) in enumerate(starts):
+        dst[:, :, r0 : r0 + rh, c0 : c0 + rw] = src[:, i, :, :c].transpose(1, 2).reshape(b, c, rh, rw)
+
+
+def _flash_cpu_forward(qk, v, scale, regions):
+    """CPU path on ATen's tiled flash-attention kernel (O(N * d) memory), one call
+    per group of equal-size regions. It needs equal key and value widths, so the
+    narrower of the two is zero-padded (zero key columns add nothing to the
+    scores; zero value columns are dropped)."""
+    b, dk, h, w = qk.shape
+    dv = v.shape[1]
+    width = max(dk, dv)
+    out = torch.empty((b, dv, h, w), dtype=v.dtype, device=v.device)
+    lse = torch.empty((b, 1, h, w), dtype=_acc_dtype(qk), device=qk.device)
+    for rh, rw, starts in _region_groups(h, w, regions):
+        x = _gather(qk, rh, rw, starts, width)
+        o, l = _cpu_flash(x, x, _gather(v, rh, rw, starts, width), 0.0, False,
+                          attn_mask=None, scale=scale)
+        _scatter(out, o, rh, rw, starts)
+        _scatter(lse, l.unsqueeze(-1).to(lse.dtype), rh, rw, starts)
+    return out, lse.reshape(b, h * w)
+
+
+def _flash_cpu_backward(dout, qk, v, out, lse, scale, regions):
+    b, dk, h, w = qk.shape
+    dv_ch = v.shape[1]
+    width = max(dk, dv_ch)
+    dqk = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse4 = lse.reshape(b, 1, h, w)
+    for rh, rw, starts in _region_groups(h, w, regions):
+        x = _gather(qk, rh, rw, starts, width)
+        l = _gather(lse4, rh, rw, starts, 1).squeeze(-1)
+        dq, dk_, dval = _cpu_flash_bwd(
+            _gather(dout, rh, rw, starts, width), x, x, _gather(v, rh, rw, starts, width),
+            _gather(out, rh, rw, starts, width), l, 0.0, False, attn_mask=None, scale=scale)
+        _scatter(dqk, dq.add_(dk_), rh, rw, starts)  # X is both query and key
+        _scatter(dv, dval, rh, rw, starts)
+    return dqk, dv
+
+
+def _cpu_impl_forward(qk, v, scale, regions):
+    if _cpu_flash is not None and _cpu_flash_bwd is not None:
+        return _flash_cpu_forward(qk, v, scale, regions)
+    return _cpu_forward(qk, v, scale, regions)
+
+
+def _cpu_impl_backward(dout, qk, v, out, lse, scale, regions):
+    if _cpu_flash is not None and _cpu_flash_bwd is not None:
+        return _flash_cpu_backward(dout, qk, v, out, lse, scale, regions)
+    return _cpu_backward(dout, qk, v, out, lse, scale, regions)
+
+
 @torch.library.custom_op("lipfast::oc_attention", mutates_args=())
 def _oc_attention_op(
     qk: torch.Tensor, v: torch.Tensor, scale: float, regions: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_oc_attention_args(qk, v, scale, regions)
-    return _cpu_forward(qk, v, scale, regions)
+    return _cpu_impl_forward(qk, v, scale, regions)
 
 
 _warned_no_triton = False
@@ -224,7 +304,7 @@ def _oc_attention_backward_op(
     scale: float,
     regions: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cpu_backward(dout, qk, v, out, lse, scale, regions)
+    return _cpu_impl_backward(dout, qk, v, out, lse, scale, regions)
 
 
 @_oc_attention_backward_op.register_kernel("cuda")
