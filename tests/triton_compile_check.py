@@ -49,19 +49,24 @@ def signature(kernel, dtype, constexprs):
 
 def compile_all(arch: int, dtypes):
     for dtype in dtypes:
-        prec = "tf32" if dtype == "fp32" else "ieee"
-        for kernel, extra in KERNELS:
-            consts = dict(ACC=tl.float32, PREC=prec, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **extra)
-            src = ASTSource(
-                fn=kernel,
-                signature=signature(kernel, dtype, consts),
-                constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
-            )
-            t0 = time.time()
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            assert "cubin" in compiled.asm
-            print(f"sm_{arch} {dtype} {kernel.__name__}: ok in {time.time() - t0:.1f} s, "
-                  f"shared memory {compiled.metadata.shared} B")
+        # both precisions the launcher can pick for float32 (allow_tf32 on / off)
+        for prec in (["tf32", "ieee"] if dtype == "fp32" else ["ieee"]):
+            compile_dtype(arch, dtype, prec)
+
+
+def compile_dtype(arch: int, dtype: str, prec: str):
+    for kernel, extra in KERNELS:
+        consts = dict(ACC=tl.float32, PREC=prec, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **extra)
+        src = ASTSource(
+            fn=kernel,
+            signature=signature(kernel, dtype, consts),
+            constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
+        )
+        t0 = time.time()
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        assert "cubin" in compiled.asm
+        print(f"sm_{arch} {dtype}/{prec} {kernel.__name__}: ok in {time.time() - t0:.1f} s, "
+              f"shared memory {compiled.metadata.shared} B")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ Score and dot-product blocks loop over channel chunks, so key and value widths
 up to 512 (and beyond) work without large register tiles.
 
 Precision: float16/bfloat16 inputs with float32 accumulation; float32 inputs
-use TF32 tensor-core products unless ``torch.backends.cuda.matmul.allow_tf32``
-is False, when they use full-precision FMA. float64 is supported (used under
+use full-precision products by default and TF32 tensor-core products when
+``torch.backends.cuda.matmul.allow_tf32`` is True (as for PyTorch's matmuls). float64 is supported (used under
 TRITON_INTERPRET=1 in the tests; on a GPU float64 goes to the PyTorch path).
 """
 
@@ -226,14 +226,18 @@ def _bwd_dx_kernel(QK, V, DO, LSE, DELTA, DX, tiles, regions, scale, scale_log2,
              dx.to(DX.dtype.element_ty), mask=mm[:, None] & mo[None, :])
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: TF32 for float32 only when PyTorch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, off by default), else full precision."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def _config(qk: torch.Tensor, dk: int, dv: int, block_m, block_n, block_d):
     """Tile sizes and precision. Blocks are powers of two >= 16 (tl.dot's minimum)."""
-    fp64 = qk.dtype == torch.float64
-    acc = tl.float64 if fp64 else tl.float32
-    if fp64 or (qk.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
-        prec = "ieee"
-    else:
-        prec = "tf32"
+    acc = tl.float64 if qk.dtype == torch.float64 else tl.float32
+    prec = dot_precision(qk.dtype)
     bm = block_m or 64
     bn = block_n or 64
     bd = block_d or min(64, max(16, triton.next_power_of_2(dk)))

@@ -16,8 +16,10 @@ Registered ops (``torch.library.custom_op``):
 - ``lipfast::oc_attention_backward(dout, qk, v, out, lse, scale, regions) -> (dqk, dv)``.
 
 Kernels: on CUDA the Triton kernels of :mod:`lipfast.kernels.oc_attention`
-(flash-style: online softmax, the N x N matrix never stored); on CPU a tiled
-PyTorch path that keeps memory at O(N * d + tile * N). Autograd:
+(flash-style: online softmax, the N x N matrix never stored); on CPU ATen's
+tiled flash-attention kernel, regions batched by size (``_flash_cpu_*``); a tiled
+PyTorch path (``_cpu_forward`` / ``_cpu_backward``, O(N * d + tile) memory) for
+float64 on CUDA and torch builds without the CPU flash kernel. Autograd:
 ``torch.library.register_autograd``; fake kernels for ``torch.compile``.
 """
 
