@@ -33,10 +33,8 @@ Run: ``python benchmarks/abn.py [--device cuda] [--full] [--json out.json]``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +46,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import lipfast
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 SLOPE = 0.01
 EPS = 1e-5
@@ -301,36 +302,8 @@ class Row:
 
 
 def environment(device: torch.device) -> dict:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "device": str(device),
-        "device_name": None,
-        "num_threads": torch.get_num_threads(),
-        "lipfast": getattr(lipfast, "__version__", None),
-        "lipfast_build_info": lipfast.build_info(),
-        "distributed_initialized": dist.is_available() and dist.is_initialized(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        name = platform.processor() or ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        env["device_name"] = name or platform.machine()
+    env = _common.environment(device)
+    env["distributed_initialized"] = dist.is_available() and dist.is_initialized()
     return env
 
 

@@ -79,14 +79,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -100,6 +97,9 @@ import torch.nn.functional as F
 
 import lipfast
 from lipfast.ops import oc_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("lipfast", "reference", "sdpa")
@@ -1003,56 +1003,10 @@ def plot(results: list[Result], path: str, title: str) -> bool:
     return True
 
 
-def _git(*cmd) -> str | None:
-    try:
-        return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def environment(device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
-    status = _git("status", "--porcelain")
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda_version": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "device": str(device),
-        "device_name": None,
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "lipfast": getattr(lipfast, "__version__", None),
-        "lipfast_build_info": lipfast.build_info(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        name = platform.processor() or ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        env["device_name"] = name or platform.machine()
+    env = _common.environment(device)
+    env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     return env
 
 
