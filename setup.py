@@ -58,7 +58,7 @@ if torch is not None and os.environ.get("LIPFAST_SKIP_BUILD") != "1":
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=["lipfast", "lipfast.ops", "lipfast.nn"],
+    packages=["lipfast", "lipfast.ops", "lipfast.nn", "lipfast.kernels", "lipfast.losses"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

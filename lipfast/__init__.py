@@ -22,7 +22,8 @@ from .nn import (
     PyramidSelfAttentionBlock2D,
     SelfAttentionBlock2D,
 )
-from .ops import inplace_abn, inplace_abn_sync
+from . import losses
+from .ops import inplace_abn, inplace_abn_sync, oc_attention
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,6 @@ __all__ = [
     "build_info",
     "inplace_abn",
     "inplace_abn_sync",
+    "losses",
+    "oc_attention",
 ]

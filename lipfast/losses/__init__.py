@@ -1,0 +1,6 @@
+"""Losses of the human-parsing family (SPEC section 3)."""
+
+from .criteria import CE2PCriterion, OCNetCriterion, SCHPCriterion
+from .edge import edge_loss, generate_edge
+from .lovasz import LovaszSoftmax, lovasz_softmax
+from .upsample_ce import UpsampleCrossEntropy, upsample_cross_entropy

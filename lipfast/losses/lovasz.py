@@ -1,0 +1,338 @@
+"""Lovász-Softmax loss (Berman et al. 2018) as one op: ``lipfast.losses.lovasz_softmax``.
+
+Exact algorithm of SPEC section 3, vectorised over classes (and images for
+``per_image=True``), with no Python loop over classes and no host
+synchronisation on the GPU path:
+
+- inputs: ``x`` (B x C x H x W logits, or probabilities with
+  ``from_logits=False``) and ``labels`` (B x H x W, uint8/int8/int16/int32/int64).
+  ``from_logits=True`` applies the softmax over C inside the op; the math runs in
+  float32 for half/bfloat16/float32 inputs (float64 for float64).
+- pixel sets: ``per_image=False`` (SCHP's setting) makes one set of all B*H*W
+  pixels (S = 1), ``per_image=True`` one set per image (S = B).
+- for every set and every class c used (``classes`` = 'present' | 'all' | list of
+  class ids; a list is taken as given, duplicates counted twice, as Berman's
+  code): fg = [y == c], e = |fg - P_c|; ONE batched ``torch.sort`` of the
+  S x K x P error matrix along the pixel axis (descending); g = fg in that order;
+  G = sum g; I_k = G - cumsum(g)_k; U_k = G + cumsum(1 - g)_k = G + k - cumsum(g)_k;
+  J_k = 1 - I_k / U_k; grad_1 = J_1, grad_k = J_k - J_{k-1};
+  loss_c = dot(e_sorted, grad).
+- ``loss`` = mean over the classes used of each set (0 if none), then the mean
+  over sets (per_image: every image counts, an image with no valid pixel or no
+  present class contributes 0, as Berman's ``mean`` of per-image losses).
+
+Ignored pixels (label == ignore_index) are masked, not removed (removing them
+would give data-dependent shapes, i.e. a host sync): their error is set to -1
+and their fg to 0. Every valid error is in [0, 1], so after the descending sort
+the n valid pixels of a set occupy positions 1..n exactly (the -1 entries come
+strictly after them). Hence for k <= n, cumsum(g)_k, k - cumsum(g)_k, I_k, U_k,
+J_k and grad_k are those of the reference on the valid pixels alone (G is
+unchanged too: ignored pixels have g = 0). Positions k > n (ignored pixels)
+would still get a nonzero Jaccard difference (U keeps growing), so their
+``grad`` is multiplied by [e_sorted >= 0] (0 there) and their error clamped to 0:
+they add nothing to the dot product nor to the gradient. If every pixel of a set
+is ignored, every loss_c is 0 and no class is 'present' -> loss 0, all gradients
+0, no NaN (U_k >= 1 always, see below).
+
+Jaccard differences are computed in closed form instead of subtracting
+neighbouring J values (mathematically identical, no cancellation when J is near
+1 for millions of pixels in float32): with I_0 = U_0 = G,
+g_k = 1: I_k = I_{k-1} - 1, U_k = U_{k-1}          -> grad_k = 1 / U_k
+g_k = 0: I_k = I_{k-1},     U_k = U_{k-1} + 1      -> grad_k = I_k / (U_k (U_k - 1))
+for k >= 2 (U_k - 1 = U_{k-1} >= 1), and grad_1 = J_1 = 1 - I_1 / U_1
+(U_1 >= 1). The counts cumsum(g) are integer (int32) cumsums, exact for any size.
+
+Gradient: the forward also returns d loss / d x (same shape as x, float32 /
+float64): d loss / d e at sorted position k is grad_k * [class used] /
+(classes used) / S; it is scattered back to pixel order with the sort
+permutation (no second sort) and multiplied by d e / d P = sign(P - fg)
+(0 at P == fg, as ``torch.abs``'s derivative), then, for ``from_logits``, taken
+through the softmax: dz = p * (dP - sum_c p dP). The registered backward only
+scales it by the incoming gradient. Order and grad are constants, as in the
+SPEC (the gradient flows through e only).
+
+Registered op (``torch.library.custom_op``):
+``lipfast::lovasz_softmax_loss(x, labels, classes: int[], present: bool,
+per_image: bool, ignore_index: int, from_logits: bool) -> (loss, dloss_dx)``
+with a fake kernel (``torch.compile``) and ``register_autograd``.
+
+Label range: labels outside [0, C) other than ``ignore_index`` raise ValueError
+on CPU (a ``.any()`` check). On CUDA the same condition goes to
+``torch._assert_async`` (no host sync; a device-side assert fires
+asynchronously) -- that path is not exercised by the CPU test-suite.
+
+Triton: on CUDA (float32 math, i.e. every input dtype but float64) the step after
+the sort -- cumsum, Jaccard differences, masking and dot product per row -- is one
+kernel, :func:`lipfast.kernels.lovasz.jaccard_grad`; the sort itself is
+``torch.sort``. On CPU (and float64 on CUDA) the same step runs as PyTorch ops
+(``_jaccard_grad_torch``). The kernel is tested under TRITON_INTERPRET=1 on CPU;
+it has not been run on a GPU here.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _normalize_classes(classes, num_classes: int) -> tuple[list[int], bool]:
+    """(class ids, present) for classes = 'present' | 'all' | sequence of ids."""
+    if isinstance(classes, str):
+        if classes == "present":
+            return list(range(num_classes)), True
+        if classes == "all":
+            return list(range(num_classes)), False
+        raise ValueError(f"lovasz_softmax: classes must be 'present', 'all' or a list of class "
+                         f"ids, got {classes!r}")
+    if isinstance(classes, torch.Tensor):
+        if classes.dim() > 1 or classes.is_floating_point() or classes.is_complex():
+            raise TypeError("lovasz_softmax: a classes tensor must be a 1-D integer tensor")
+        classes = classes.tolist()
+    if not isinstance(classes, Sequence):
+        raise TypeError(f"lovasz_softmax: classes must be 'present', 'all' or a list of class "
+                        f"ids, got {type(classes).__name__}")
+    ids = []
+    for c in classes:
+        if isinstance(c, bool):
+            raise TypeError(f"lovasz_softmax: class ids must be integers, got {c!r}")
+        try:
+            c = operator.index(c)
+        except TypeError:
+            raise TypeError(f"lovasz_softmax: class ids must be integers, got {c!r}") from None
+        if not 0 <= c < num_classes:
+            raise ValueError(f"lovasz_softmax: class id {c} is out of range for {num_classes} "
+                             "classes")
+        ids.append(c)
+    return ids, False
+
+
+def check_lovasz_args(x: torch.Tensor, labels: torch.Tensor) -> None:
+    """Shape / dtype / device checks that need no host synchronisation."""
+    if not isinstance(x, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("lovasz_softmax expects tensors for the predictions and the labels")
+    if x.dim() != 4:
+        raise ValueError(f"lovasz_softmax expects B x C x H x W predictions, got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"lovasz_softmax expects floating-point predictions, got {x.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"lovasz_softmax expects integer labels (uint8, int8, int16, int32 or "
+                        f"int64), got {labels.dtype}")
+    if labels.dim() != 3 or labels.shape[0] != x.shape[0] or labels.shape[1:] != x.shape[2:]:
+        raise ValueError(f"lovasz_softmax: labels of shape {tuple(labels.shape)} do not match "
+                         f"predictions of shape {tuple(x.shape)} (expected B x H x W = "
+                         f"{(x.shape[0], *x.shape[2:])})")
+    if x.shape[1] == 0:
+        raise ValueError("lovasz_softmax: the predictions have no classes (C == 0)")
+    if labels.device != x.device:
+        raise ValueError(f"lovasz_softmax: predictions on {x.device} but labels on "
+                         f"{labels.device}")
+
+
+def _bad_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    lab = labels.long()
+    return ((lab < 0) | (lab >= num_classes)) & (lab != ignore_index)
+
+
+def _jaccard_grad_torch(e_sorted, g, gsum):
+    """(grad, loss per row): Jaccard differences in closed form over the sorted
+    rows, ignored positions (e < 0) masked; PyTorch path of the Triton kernel
+    :func:`lipfast.kernels.lovasz.jaccard_grad`."""
+    acc = e_sorted.dtype
+    n = e_sorted.shape[-1]
+    cg = torch.cumsum(g, dim=-1, dtype=torch.int32)  # cumsum(g)_k, exact
+    kpos = torch.arange(1, n + 1, dtype=torch.int32, device=e_sorted.device)
+    inter = (gsum - cg).to(acc)  # I_k
+    union = (gsum + kpos - cg).to(acc)  # U_k >= 1
+    grad = torch.where(g, 1.0 / union, inter / (union * (union - 1.0).clamp_min(1.0)))
+    if n > 0:
+        grad[..., 0] = 1.0 - inter[..., 0] / union[..., 0]  # J_1
+    grad = grad * (e_sorted >= 0)  # valid positions: 1..n_valid
+    return grad, (e_sorted.clamp_min(0) * grad).sum(-1)
+
+
+def _lovasz_forward(x, labels, classes, present, per_image, ignore_index, from_logits,
+                    kernels=None):
+    """(loss in x.dtype, d loss / d x in the accumulation dtype). No host sync."""
+    b, c, h, w = x.shape
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    p = torch.softmax(xf, dim=1) if from_logits else xf
+    lab = labels.long()
+    if per_image:
+        s, n = b, h * w
+        ps = p.reshape(b, c, n)
+        ls = lab.reshape(b, n)
+    else:
+        s, n = 1, b * h * w
+        ps = p.transpose(0, 1).reshape(1, c, n)  # pixel order (b, h, w), as Berman
+        ls = lab.reshape(1, n)
+    k_all = list(range(c))
+    full = list(classes) == k_all
+    sel = None if full else torch.tensor(classes, dtype=torch.long, device=x.device)
+    kk = len(classes)
+    if not full:
+        ps = ps.index_select(1, sel)  # S x K x N
+    cls = torch.arange(c, device=x.device) if full else sel
+    valid = ls != ignore_index  # S x N
+    fg = (ls.unsqueeze(1) == cls.view(1, kk, 1)) & valid.unsqueeze(1)  # S x K x N
+    e = (fg.to(acc) - ps).abs_()
+    e = torch.where(valid.unsqueeze(1), e, torch.full((), -1.0, dtype=acc, device=x.device))
+    e_sorted, perm = torch.sort(e, dim=-1, descending=True)
+    g = torch.gather(fg, -1, perm)  # sorted fg (bool)
+    gsum = fg.sum(-1, keepdim=True, dtype=torch.int32)  # G
+    if kernels is not None:
+        grad, loss_c = kernels.jaccard_grad(e_sorted, g, gsum)
+    else:
+        grad, loss_c = _jaccard_grad_torch(e_sorted, g, gsum)
+    if present:
+        used = (gsum.squeeze(-1) > 0).to(acc)
+    else:
+        used = torch.ones((s, kk), dtype=acc, device=x.device)
+    n_used = used.sum(-1, keepdim=True).clamp_min(1.0)  # S x 1
+    weight = used / n_used / s  # S x K
+    loss = (loss_c * weight).sum()
+    # d loss / d e in pixel order: scatter the per-position grad back (no second sort)
+    ge = torch.empty_like(grad).scatter_(-1, perm, grad * weight.unsqueeze(-1))
+    dps = ge * torch.sign(ps - fg.to(acc))  # d e / d P = sign(P - fg)
+    if full:
+        dp = dps
+    else:
+        dp = torch.zeros((s, c, n), dtype=acc, device=x.device).index_add_(1, sel, dps)
+    if per_image:
+        dp = dp.reshape(b, c, h, w)
+    else:
+        dp = dp.reshape(c, b, h, w).transpose(0, 1)
+    if from_logits:
+        dx = p * (dp - (dp * p).sum(1, keepdim=True))
+    else:
+        dx = dp.contiguous()
+    return loss.to(x.dtype), dx.contiguous()
+
+
+def _check_label_range(x, labels, ignore_index):
+    if x.device.type == "cuda":
+        # no host sync: a device-side assert fires asynchronously
+        torch._assert_async(~_bad_labels(labels, x.shape[1], ignore_index).any(),
+                            "lovasz_softmax: labels out of range [0, C) (and != ignore_index)")
+        return
+    bad = _bad_labels(labels, x.shape[1], ignore_index)
+    if bad.any():
+        raise ValueError(f"lovasz_softmax: labels must be in [0, {x.shape[1]}) or equal "
+                         f"ignore_index={ignore_index}; found {labels.long()[bad][0].item()}")
+
+
+@torch.library.custom_op("lipfast::lovasz_softmax_loss", mutates_args=())
+def _lovasz_op(x: torch.Tensor, labels: torch.Tensor, classes: list[int], present: bool,
+               per_image: bool, ignore_index: int, from_logits: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_lovasz_args(x, labels)
+    _check_label_range(x, labels, ignore_index)
+    return _lovasz_forward(x, labels, classes, present, per_image, ignore_index, from_logits)
+
+
+_warned_no_triton = False
+
+
+def _triton_kernels(x: torch.Tensor):
+    """lipfast.kernels.lovasz for a non-float64 CUDA input, else None (float64 and
+    missing Triton, with a one-time warning, go to the PyTorch path)."""
+    global _warned_no_triton
+    if x.dtype == torch.float64:
+        return None
+    try:
+        from ..kernels import lovasz as kernels
+    except ImportError as err:
+        if not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn(f"lipfast.lovasz_softmax: Triton is not available ({err}); using the "
+                          "PyTorch path on the GPU", stacklevel=3)
+        return None
+    return kernels
+
+
+@_lovasz_op.register_kernel("cuda")
+def _lovasz_cuda(x, labels, classes, present, per_image, ignore_index, from_logits):
+    check_lovasz_args(x, labels)
+    _check_label_range(x, labels, ignore_index)
+    return _lovasz_forward(x, labels, classes, present, per_image, ignore_index, from_logits,
+                           kernels=_triton_kernels(x))
+
+
+@_lovasz_op.register_fake
+def _lovasz_fake(x, labels, classes, present, per_image, ignore_index, from_logits):
+    return x.new_empty(()), x.new_empty(x.shape, dtype=_acc_dtype(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x = inputs[0]
+    _, dx = output
+    ctx.save_for_backward(dx)
+    ctx.x_dtype = x.dtype
+    ctx.mark_non_differentiable(dx)
+
+
+def _backward(ctx, dloss, ddx):
+    (dx,) = ctx.saved_tensors
+    return (dx * dloss.to(dx.dtype)).to(ctx.x_dtype), None, None, None, None, None, None
+
+
+_lovasz_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lovasz_softmax(logits_or_probs: torch.Tensor, labels: torch.Tensor, classes="present",
+                   per_image: bool = False, ignore_index: int = 255,
+                   from_logits: bool = True) -> torch.Tensor:
+    """Lovász-Softmax loss (exact, SPEC section 3), one vectorised op.
+
+    Args:
+        logits_or_probs: B x C x H x W logits (``from_logits=True``: softmax over C
+            is applied inside, float32 math for half inputs) or probabilities.
+        labels: B x H x W integer labels (uint8 or int64 typically) in [0, C) or
+            ``ignore_index``.
+        classes: 'present' (classes with at least one valid pixel), 'all', or a
+            list of class ids (each counted, present or not).
+        per_image: mean of per-image losses instead of one loss over the batch.
+        ignore_index: label of pixels to drop.
+        from_logits: apply the softmax over C first.
+
+    Returns:
+        scalar loss in the input's dtype (0, with the graph kept, when no class
+        is used or every pixel is ignored).
+    """
+    check_lovasz_args(logits_or_probs, labels)
+    ids, present = _normalize_classes(classes, logits_or_probs.shape[1])
+    loss, _ = _lovasz_op(logits_or_probs, labels, ids, present, bool(per_image),
+                         int(ignore_index), bool(from_logits))
+    return loss
+
+
+class LovaszSoftmax(torch.nn.Module):
+    """Module wrapper of :func:`lovasz_softmax`."""
+
+    def __init__(self, classes="present", per_image: bool = False, ignore_index: int = 255,
+                 from_logits: bool = True):
+        super().__init__()
+        if isinstance(classes, str):
+            _normalize_classes(classes, 1)  # validates the string
+        self.classes = classes
+        self.per_image = per_image
+        self.ignore_index = ignore_index
+        self.from_logits = from_logits
+
+    def forward(self, logits_or_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lovasz_softmax(logits_or_probs, labels, self.classes, self.per_image,
+                              self.ignore_index, self.from_logits)
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.classes!r}, per_image={self.per_image}, "
+                f"ignore_index={self.ignore_index}, from_logits={self.from_logits}")

@@ -1,0 +1,387 @@
+"""Cross-entropy of bilinearly upsampled logits, without the upsampled tensor.
+
+``upsample_cross_entropy(logits, labels, ...)`` equals::
+
+    F.cross_entropy(F.interpolate(logits, labels.shape[-2:], mode="bilinear",
+                                  align_corners=align_corners),
+                    labels.long(), weight=weight, ignore_index=ignore_index,
+                    reduction=reduction)
+
+(SPEC section 3: every prediction is upsampled to the label size with
+align_corners=True before the loss), but neither the forward nor the backward
+materialises the B x C x H x W upsampled logits:
+
+- forward: per output pixel, the 4-tap bilinear interpolation of the C logits is
+  computed on the fly, then log-sum-exp over C and the label's logit. Saved for
+  backward: the inputs and the per-pixel log-sum-exp (B x H x W, float32).
+- backward: d logits = A_h^T G A_w per image and channel, where A_h (H x h) and
+  A_w (W x w) are the bilinear maps (2 nonzeros per row) and
+  G = (softmax(up) - onehot(y)) * w[y] * dloss is recomputed tile by tile from
+  the saved log-sum-exp. Deterministic (no atomics).
+
+Registered ops (``torch.library.custom_op``, fake kernels for ``torch.compile``,
+``register_autograd``):
+
+- ``lipfast::upsample_ce(logits, labels, weight?, ignore_index, align_corners)
+  -> (nll, lse, wsum)``: ``nll`` B x H x W per-pixel ``w[y] * -log softmax(up)[y]``
+  (0 at ignored pixels), float32 (float64 for float64 logits); ``lse`` the
+  per-pixel log-sum-exp; ``wsum`` the 0-d sum of ``w[y]`` over non-ignored pixels.
+- ``lipfast::upsample_ce_backward(dnll, logits, labels, weight?, lse,
+  ignore_index, align_corners) -> dlogits``.
+
+The reductions ('mean', 'sum', 'none') are plain torch ops on ``nll``.
+
+Kernels: on CPU (and on CUDA for float64 or without Triton) a tiled PyTorch
+path: output rows in tiles of at most ``_TILE_ELEMS`` B x C x rows x W elements
+(2 MiB in float32 per temporary), so memory is O(B*C*tile*W + B*C*h*w + B*H*W),
+never O(B*C*H*W). On CUDA the Triton kernels of
+:mod:`lipfast.kernels.upsample_ce` (forward: one program per image and block of
+output pixels, logits gathered and interpolated in registers, online
+log-sum-exp over channel chunks; backward: one program per image, low-res row,
+block of low-res columns and block of channels, gathering from the output
+pixels whose bilinear stencil touches them; deterministic).
+
+Precision: float16/bfloat16 logits are computed in float32 (under autocast too;
+the loss is float32 like ``F.cross_entropy`` under autocast, the gradient has
+the logits' dtype).
+
+Differences from the reference:
+
+- reduction='mean' with every pixel ignored (or every non-ignored pixel of
+  weight 0) returns 0 with zero gradients; ``F.cross_entropy`` returns nan.
+- labels outside [0, C) other than ``ignore_index`` raise ValueError (CPU: a
+  check before the kernel; CUDA: the forward kernel sets a device-side flag,
+  read once after the launch -- one host sync -- and raises ValueError).
+- the class weight gets no gradient (``F.cross_entropy`` does not give one either).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+# Elements of one B x C x rows x W tile of the PyTorch path (2 MiB in float32);
+# a few such temporaries are alive at once.
+_TILE_ELEMS = 1 << 19
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def bilinear_taps(n_out: int, n_in: int, align_corners: bool, dtype, device):
+    """(i0, i1, lam) of the 1-D bilinear map n_in -> n_out as F.interpolate
+    computes it: out[d] = (1 - lam[d]) * in[i0[d]] + lam[d] * in[i1[d]]."""
+    d = torch.arange(n_out, dtype=torch.float64, device=device)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        src = d * scale
+    else:
+        scale = n_in / n_out
+        src = ((d + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam = (src - i0).to(dtype)
+    return i0, i1, lam
+
+
+def bilinear_matrix(n_out: int, n_in: int, align_corners: bool, dtype, device) -> torch.Tensor:
+    """Dense n_out x n_in bilinear map (two nonzeros per row)."""
+    i0, i1, lam = bilinear_taps(n_out, n_in, align_corners, dtype, device)
+    a = torch.zeros((n_out, n_in), dtype=dtype, device=device)
+    r = torch.arange(n_out, device=device)
+    a.index_put_((r, i0), 1 - lam, accumulate=True)
+    a.index_put_((r, i1), lam, accumulate=True)
+    return a
+
+
+def check_upsample_ce_args(logits, labels, weight, ignore_index, align_corners=True,
+                           reduction="mean") -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("upsample_cross_entropy expects tensors for logits and labels")
+    if logits.dim() != 4:
+        raise ValueError(f"upsample_cross_entropy: logits must be B x C x h x w, got "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"upsample_cross_entropy: logits must be floating point, got {logits.dtype}")
+    if labels.dim() != 3:
+        raise ValueError(f"upsample_cross_entropy: labels must be B x H x W, got "
+                         f"{tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"upsample_cross_entropy: labels must be an integer tensor (uint8 or "
+                        f"int64), got {labels.dtype}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"upsample_cross_entropy: batch mismatch, logits {tuple(logits.shape)} "
+                         f"vs labels {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"upsample_cross_entropy: logits on {logits.device}, labels on "
+                         f"{labels.device}")
+    c, h, w = logits.shape[1:]
+    if c == 0 or h == 0 or w == 0:
+        raise ValueError(f"upsample_cross_entropy: empty logits {tuple(logits.shape)}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != c:
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+            raise ValueError(f"upsample_cross_entropy: weight must be a 1-D tensor of {c} class "
+                             f"weights, got {shape}")
+        if not weight.is_floating_point():
+            raise TypeError(f"upsample_cross_entropy: weight must be floating point, got "
+                            f"{weight.dtype}")
+        if weight.device != logits.device:
+            raise ValueError(f"upsample_cross_entropy: weight on {weight.device}, logits on "
+                             f"{logits.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"upsample_cross_entropy: reduction must be one of {_REDUCTIONS}, got "
+                         f"{reduction!r}")
+
+
+def _check_label_values(labels: torch.Tensor, c: int, ignore_index: int) -> None:
+    """ValueError for labels outside [0, C) other than ignore_index (host sync)."""
+    if labels.numel() == 0:
+        return
+    lab = labels if labels.dtype == torch.int64 else labels.long()
+    bad = ((lab < 0) | (lab >= c)) & (lab != ignore_index)
+    if bool(bad.any()):
+        v = int(lab[bad][0])
+        raise ValueError(f"upsample_cross_entropy: label {v} outside [0, {c}) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def _pixel_weights(labels, weight, ignore_index, dtype):
+    """(valid mask, labels with ignored set to 0 (int64), per-pixel weight, 0 at ignored)."""
+    lab = labels.long()
+    valid = lab != ignore_index
+    safe = torch.where(valid, lab, torch.zeros((), dtype=torch.long, device=lab.device))
+    if weight is None:
+        wpix = valid.to(dtype)
+    else:
+        wpix = weight.to(dtype)[safe] * valid
+    return valid, safe, wpix
+
+
+def _tile_rows(b: int, c: int, width: int) -> int:
+    return max(1, _TILE_ELEMS // max(1, b * c * width))
+
+
+def _interp_rows(x, taps_h, taps_w, r0, r1):
+    """B x C x (r1 - r0) x W upsampled logits of output rows [r0, r1)."""
+    i0, i1, a = (t[r0:r1] for t in taps_h)
+    j0, j1, bb = taps_w
+    a = a[:, None]
+    rows = x.index_select(2, i0) * (1 - a) + x.index_select(2, i1) * a  # B x C x T x w
+    return rows.index_select(3, j0) * (1 - bb) + rows.index_select(3, j1) * bb
+
+
+def _torch_forward(logits, labels, weight, ignore_index, align_corners):
+    """Tiled PyTorch forward: (nll, lse, wsum)."""
+    b, c, h, w = logits.shape
+    hh, ww = labels.shape[1:]
+    acc = _acc_dtype(logits)
+    dev = logits.device
+    nll = torch.empty((b, hh, ww), dtype=acc, device=dev)
+    lse = torch.empty((b, hh, ww), dtype=acc, device=dev)
+    valid, safe, wpix = _pixel_weights(labels, weight, ignore_index, acc)
+    x = logits.to(acc)
+    taps_h = bilinear_taps(hh, h, align_corners, acc, dev)
+    taps_w = bilinear_taps(ww, w, align_corners, acc, dev)
+    step = _tile_rows(b, c, ww)
+    for r0 in range(0, hh, step):
+        r1 = min(hh, r0 + step)
+        up = _interp_rows(x, taps_h, taps_w, r0, r1)
+        l = torch.logsumexp(up, dim=1)
+        picked = up.gather(1, safe[:, None, r0:r1]).squeeze(1)
+        lse[:, r0:r1] = l
+        nll[:, r0:r1] = (l - picked) * wpix[:, r0:r1]
+    return nll, lse, wpix.sum()
+
+
+def _torch_backward(dnll, logits, labels, weight, lse, ignore_index, align_corners):
+    """Tiled PyTorch backward: dlogits = A_h^T G A_w, G recomputed per tile of
+    output rows; the adjoints are matmuls with the small dense bilinear matrices
+    (A_w: W x w, the tile's band of A_h), deterministic, no atomics."""
+    b, c, h, w = logits.shape
+    hh, ww = labels.shape[1:]
+    acc = _acc_dtype(logits)
+    dev = logits.device
+    _, safe, wpix = _pixel_weights(labels, weight, ignore_index, acc)
+    coef = wpix * dnll.to(acc)
+    x = logits.to(acc)
+    taps_h = bilinear_taps(hh, h, align_corners, acc, dev)
+    taps_w = bilinear_taps(ww, w, align_corners, acc, dev)
+    a_h = bilinear_matrix(hh, h, align_corners, acc, dev)
+    a_w = bilinear_matrix(ww, w, align_corners, acc, dev)
+    grad = torch.zeros((b, c, h, w), dtype=acc, device=dev)
+    step = _tile_rows(b, c, ww)
+    for r0 in range(0, hh, step):
+        r1 = min(hh, r0 + step)
+        up = _interp_rows(x, taps_h, taps_w, r0, r1)
+        cf = coef[:, None, r0:r1]
+        g = torch.exp_(up.sub_(lse[:, None, r0:r1])).mul_(cf)  # softmax * coef
+        g.scatter_add_(1, safe[:, None, r0:r1], -cf)  # - onehot * coef
+        gc = torch.matmul(g, a_w)  # B x C x T x w: column adjoint
+        lo, hi = int(taps_h[0][r0]), int(taps_h[1][r1 - 1]) + 1
+        grad[:, :, lo:hi] += torch.matmul(a_h[r0:r1, lo:hi].t(), gc)  # row adjoint
+    return grad.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------
+# custom ops
+
+_warned_no_triton = False
+
+
+def _triton_kernels(t: torch.Tensor):
+    global _warned_no_triton
+    if t.dtype == torch.float64:
+        return None
+    try:
+        from ..kernels import upsample_ce as kernels
+    except ImportError as err:
+        if not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn(f"lipfast.upsample_cross_entropy: Triton is not available ({err}); "
+                          "using the slower PyTorch path on the GPU", stacklevel=3)
+        return None
+    return kernels
+
+
+@torch.library.custom_op("lipfast::upsample_ce", mutates_args=())
+def _upsample_ce_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    align_corners: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_upsample_ce_args(logits, labels, weight, ignore_index)
+    _check_label_values(labels, logits.shape[1], ignore_index)
+    return _torch_forward(logits, labels, weight, ignore_index, align_corners)
+
+
+@_upsample_ce_op.register_kernel("cuda")
+def _upsample_ce_cuda(logits, labels, weight, ignore_index, align_corners):
+    check_upsample_ce_args(logits, labels, weight, ignore_index)
+    kernels = _triton_kernels(logits)
+    if kernels is None:
+        _check_label_values(labels, logits.shape[1], ignore_index)
+        return _torch_forward(logits, labels, weight, ignore_index, align_corners)
+    nll, lse, bad = kernels.forward(logits, labels, weight, ignore_index, align_corners)
+    if bool(bad.any()):  # device-side label check, one host sync
+        _check_label_values(labels, logits.shape[1], ignore_index)
+    _, _, wpix = _pixel_weights(labels, weight, ignore_index, nll.dtype)
+    return nll, lse, wpix.sum()
+
+
+@_upsample_ce_op.register_fake
+def _upsample_ce_fake(logits, labels, weight, ignore_index, align_corners):
+    b, hh, ww = labels.shape
+    acc = _acc_dtype(logits)
+    nll = logits.new_empty((b, hh, ww), dtype=acc)
+    lse = logits.new_empty((b, hh, ww), dtype=acc)
+    return nll, lse, logits.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("lipfast::upsample_ce_backward", mutates_args=())
+def _upsample_ce_backward_op(
+    dnll: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ignore_index: int,
+    align_corners: bool,
+) -> torch.Tensor:
+    return _torch_backward(dnll, logits, labels, weight, lse, ignore_index, align_corners)
+
+
+@_upsample_ce_backward_op.register_kernel("cuda")
+def _upsample_ce_backward_cuda(dnll, logits, labels, weight, lse, ignore_index, align_corners):
+    kernels = _triton_kernels(logits)
+    if kernels is None:
+        return _torch_backward(dnll, logits, labels, weight, lse, ignore_index, align_corners)
+    return kernels.backward(dnll, logits, labels, weight, lse, ignore_index, align_corners)
+
+
+@_upsample_ce_backward_op.register_fake
+def _upsample_ce_backward_fake(dnll, logits, labels, weight, lse, ignore_index, align_corners):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, weight, ignore_index, align_corners = inputs
+    _, lse, _ = output
+    ctx.save_for_backward(logits, labels, weight, lse)
+    ctx.ignore_index = ignore_index
+    ctx.align_corners = align_corners
+
+
+def _backward(ctx, dnll, dlse, dwsum):
+    logits, labels, weight, lse = ctx.saved_tensors
+    dlogits = None
+    if ctx.needs_input_grad[0] and dnll is not None:
+        dlogits = _upsample_ce_backward_op(dnll.contiguous(), logits, labels, weight, lse,
+                                           ctx.ignore_index, ctx.align_corners)
+    return dlogits, None, None, None, None
+
+
+_upsample_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+def upsample_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    weight: Optional[torch.Tensor] = None,
+    align_corners: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (B x C x h x w) bilinearly upsampled to the
+    size of ``labels`` (B x H x W, uint8 or int64), without materialising the
+    upsampled logits. Same value and gradient as
+    ``F.cross_entropy(F.interpolate(logits, (H, W), mode="bilinear",
+    align_corners=align_corners), labels.long(), weight, ignore_index=...,
+    reduction=...)``, except that 'mean' over no (weighted) pixels is 0, not nan.
+
+    Returns a float32 loss (float64 for float64 logits): a scalar for 'mean' and
+    'sum', B x H x W (0 at ignored pixels) for 'none'.
+    """
+    check_upsample_ce_args(logits, labels, weight, ignore_index, align_corners, reduction)
+    nll, _, wsum = _upsample_ce_op(logits, labels, weight, int(ignore_index), bool(align_corners))
+    if reduction == "none":
+        return nll
+    total = nll.sum()
+    if reduction == "sum":
+        return total
+    return total / torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+
+
+class UpsampleCrossEntropy(nn.Module):
+    """Module form of :func:`upsample_cross_entropy`: ``forward(logits, labels)``."""
+
+    def __init__(self, ignore_index: int = 255, weight: Optional[torch.Tensor] = None,
+                 align_corners: bool = True, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"UpsampleCrossEntropy: reduction must be one of {_REDUCTIONS}, "
+                             f"got {reduction!r}")
+        self.ignore_index = int(ignore_index)
+        self.align_corners = bool(align_corners)
+        self.reduction = reduction
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return upsample_cross_entropy(logits, labels, self.ignore_index, self.weight,
+                                      self.align_corners, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, align_corners={self.align_corners}, "
+                f"reduction={self.reduction!r}, weighted={self.weight is not None}")

@@ -1,0 +1,351 @@
+"""Tests of lipfast.losses.lovasz (Lovász-Softmax, SPEC section 3) against a
+step-by-step reference written here from the SPEC, as Berman's code does it
+(Python loop over classes, boolean masking of ignored pixels, one torch.sort per
+class, Jaccard differences by subtraction)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lipfast.losses.lovasz import LovaszSoftmax, lovasz_softmax
+
+
+# --------------------------------------------------------------------------- reference
+def _ref_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    p = len(gt_sorted)
+    gts = gt_sorted.sum()
+    inter = gts - gt_sorted.cumsum(0)
+    union = gts + (1 - gt_sorted).cumsum(0)
+    jac = 1.0 - inter / union
+    if p > 1:
+        jac[1:p] = jac[1:p] - jac[0:-1]
+    return jac
+
+
+def _ref_flat(probas, labels, classes):
+    """probas: N x C, labels: N (ignored pixels already dropped)."""
+    if probas.numel() == 0:
+        return probas.sum() * 0.0
+    c_total = probas.shape[1]
+    losses = []
+    to_sum = list(range(c_total)) if classes in ("all", "present") else classes
+    for c in to_sum:
+        fg = (labels == c).to(probas.dtype)
+        if classes == "present" and fg.sum() == 0:
+            continue
+        errors = (fg - probas[:, c]).abs()
+        errors_sorted, perm = torch.sort(errors, 0, descending=True)
+        losses.append(torch.dot(errors_sorted, _ref_grad(fg[perm]).detach()))
+    if not losses:
+        return probas.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def _ref_flatten(probas, labels, ignore):
+    c = probas.shape[1]
+    probas = probas.permute(0, 2, 3, 1).reshape(-1, c)
+    labels = labels.reshape(-1).long()
+    valid = labels != ignore
+    return probas[valid], labels[valid]
+
+
+def ref_lovasz(x, labels, classes="present", per_image=False, ignore_index=255, from_logits=True):
+    p = torch.softmax(x, 1) if from_logits else x
+    if per_image:
+        losses = [_ref_flat(*_ref_flatten(p[i : i + 1], labels[i : i + 1], ignore_index), classes)
+                  for i in range(x.shape[0])]
+        return torch.stack(losses).mean()
+    return _ref_flat(*_ref_flatten(p, labels, ignore_index), classes)
+
+
+# --------------------------------------------------------------------------- helpers
+def _data(b, c, h, w, ignore_frac=0.2, seed=0, dtype=torch.float64, label_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (b, h, w), generator=g)
+    y[torch.rand(b, h, w, generator=g) < ignore_frac] = 255
+    return x.to(dtype), y.to(label_dtype)
+
+
+def _compare(x, y, atol=1e-10, **kw):
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    la = lovasz_softmax(xa, y, **kw)
+    lb = ref_lovasz(xb, y, **kw)
+    assert la.dtype == x.dtype and la.shape == ()
+    torch.testing.assert_close(la, lb, atol=atol, rtol=0)
+    gout = torch.tensor(1.7, dtype=x.dtype)
+    (ga,) = torch.autograd.grad(la, xa, gout)
+    (gb,) = torch.autograd.grad(lb, xb, gout)
+    torch.testing.assert_close(ga, gb, atol=atol, rtol=0)
+    return la, ga
+
+
+CLASSES = ["present", "all", [0, 2], [3, 1, 1]]
+
+
+# --------------------------------------------------------------------------- values + grads
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("classes", CLASSES, ids=str)
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_matches_reference(per_image, classes, from_logits):
+    x, y = _data(2, 5, 7, 9, seed=1)  # odd, non-square
+    if not from_logits:
+        x = torch.softmax(x, 1)
+    _compare(x, y, classes=classes, per_image=per_image, from_logits=from_logits)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 4, 5, 3), (3, 2, 4, 6), (2, 20, 11, 13)])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_shapes(shape, per_image):
+    x, y = _data(*shape, seed=2)
+    _compare(x, y, per_image=per_image)
+    _compare(x, y, per_image=per_image, classes="all")
+
+
+def test_absent_class_and_upper_index():
+    x, y = _data(2, 6, 8, 5, ignore_frac=0.1, seed=3)
+    y[y == 2] = 5  # class 2 absent, upper index 5 present
+    y[0, 0, 0] = 5
+    for classes in ("present", "all", [2], [2, 5]):
+        for per_image in (False, True):
+            _compare(x, y, classes=classes, per_image=per_image)
+
+
+def test_all_ignored():
+    x, y = _data(2, 4, 5, 6, seed=4)
+    y.fill_(255)
+    for classes in ("present", "all", [1, 3]):
+        for per_image in (False, True):
+            xr = x.clone().requires_grad_(True)
+            loss = lovasz_softmax(xr, y, classes=classes, per_image=per_image)
+            assert loss.item() == 0.0 and loss.requires_grad
+            loss.backward()
+            assert torch.isfinite(xr.grad).all() and (xr.grad == 0).all()
+
+
+def test_one_image_fully_ignored_per_image():
+    x, y = _data(3, 4, 5, 6, seed=5)
+    y[1] = 255
+    for classes in CLASSES[:3]:
+        _compare(x, y, classes=classes, per_image=True)
+        _compare(x, y, classes=classes, per_image=False)
+
+
+def test_one_valid_pixel():
+    x, y = _data(2, 4, 5, 6, seed=6)
+    y.fill_(255)
+    y[1, 3, 2] = 3
+    for classes in CLASSES:
+        for per_image in (False, True):
+            _compare(x, y, classes=classes, per_image=per_image)
+
+
+def test_single_image_uint8_labels_and_no_ignore():
+    x, y = _data(1, 5, 9, 4, ignore_frac=0.0, seed=7)
+    l64, g64 = _compare(x, y)
+    l8, g8 = _compare(x, y.to(torch.uint8))
+    torch.testing.assert_close(l8, l64, atol=0, rtol=0)
+    torch.testing.assert_close(g8, g64, atol=0, rtol=0)
+    x2, y2 = _data(2, 5, 6, 6, seed=8, label_dtype=torch.uint8)
+    _compare(x2, y2, per_image=True)
+
+
+def test_ignore_index_inside_class_range():
+    x, y = _data(2, 4, 5, 6, ignore_frac=0.0, seed=9)
+    _compare(x, y, ignore_index=0)
+    _compare(x, y, ignore_index=0, classes="all", per_image=True)
+
+
+def test_empty_class_list():
+    x, y = _data(2, 4, 5, 6, seed=10)
+    xr = x.clone().requires_grad_(True)
+    loss = lovasz_softmax(xr, y, classes=[])
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (xr.grad == 0).all()
+
+
+def test_float32_and_half():
+    x, y = _data(2, 5, 16, 12, seed=11)
+    _, g_ref = _compare(x, y)
+    x32 = x.float().requires_grad_(True)
+    l32 = lovasz_softmax(x32, y)
+    l32.backward()
+    assert l32.dtype == torch.float32
+    torch.testing.assert_close(l32.double(), ref_lovasz(x, y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x32.grad.double(), g_ref / 1.7, atol=1e-6, rtol=0)
+    for dt in (torch.float16, torch.bfloat16):
+        xh = x.to(dt).requires_grad_(True)
+        lh = lovasz_softmax(xh, y)
+        lh.backward()
+        assert lh.dtype == dt and xh.grad.dtype == dt
+        torch.testing.assert_close(lh.double(), ref_lovasz(x.to(dt).double(), y), atol=1e-2,
+                                   rtol=0)
+        assert torch.isfinite(xh.grad).all()
+
+
+def test_float32_large_set_precise():
+    # many pixels: the closed-form Jaccard differences keep float32 close to float64
+    x, y = _data(1, 3, 128, 160, seed=12)
+    l64 = lovasz_softmax(x, y)
+    xr = x.float().requires_grad_(True)
+    l32 = lovasz_softmax(xr, y)
+    l32.backward()
+    x64 = x.clone().requires_grad_(True)
+    lovasz_softmax(x64, y).backward()
+    torch.testing.assert_close(l32.double(), l64, atol=1e-6, rtol=0)
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=1e-8, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- gradcheck / opcheck / compile
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("classes", ["present", "all", [1, 2]], ids=str)
+def test_gradcheck(per_image, from_logits, classes):
+    x, y = _data(2, 3, 3, 4, seed=13)
+    if not from_logits:
+        x = torch.softmax(x, 1)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: lovasz_softmax(t, y, classes=classes, per_image=per_image,
+                                 from_logits=from_logits), (x,), eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(per_image, from_logits, dtype):
+    x, y = _data(2, 4, 5, 3, seed=14, dtype=dtype)
+    x.requires_grad_(True)
+    for classes, present in ((list(range(4)), True), ([0, 3], False)):
+        torch.library.opcheck(torch.ops.lipfast.lovasz_softmax_loss.default,
+                              (x, y, classes, present, per_image, 255, from_logits))
+    torch.library.opcheck(torch.ops.lipfast.lovasz_softmax_loss.default,
+                          (x, y.to(torch.uint8), [1, 2, 3], True, per_image, 255, from_logits))
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_compile_fullgraph(per_image):
+    torch._dynamo.reset()
+    crit = LovaszSoftmax(per_image=per_image)
+
+    def f(z, lab):
+        return crit(z * 1.5, lab) + 0.5 * lovasz_softmax(z, lab, classes="all")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, y = _data(2, 4, 6, 5, seed=15, dtype=torch.float32)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    la, lb = cf(xa, y), f(xb, y)
+    torch.testing.assert_close(la, lb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_module():
+    m = LovaszSoftmax(classes="all", per_image=True, ignore_index=255, from_logits=True)
+    assert "classes='all'" in repr(m)
+    x, y = _data(2, 4, 5, 6, seed=16)
+    torch.testing.assert_close(m(x, y), ref_lovasz(x, y, classes="all", per_image=True))
+    with pytest.raises(ValueError):
+        LovaszSoftmax(classes="some")
+
+
+# --------------------------------------------------------------------------- errors
+def test_errors():
+    x, y = _data(2, 4, 5, 6, seed=17)
+    bad = y.clone()
+    bad[0, 0, 0] = 4  # == C
+    with pytest.raises(ValueError, match="labels must be in"):
+        lovasz_softmax(x, bad)
+    bad[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="labels must be in"):
+        lovasz_softmax(x, bad)
+    with pytest.raises(TypeError, match="integer labels"):
+        lovasz_softmax(x, y.float())
+    with pytest.raises(TypeError, match="floating-point"):
+        lovasz_softmax(x.long(), y)
+    with pytest.raises(ValueError, match="do not match"):
+        lovasz_softmax(x, y[:, :4])
+    with pytest.raises(ValueError, match="do not match"):
+        lovasz_softmax(x, y[:1])
+    with pytest.raises(ValueError, match="B x C x H x W"):
+        lovasz_softmax(x[0], y[0])
+    with pytest.raises(ValueError, match="out of range"):
+        lovasz_softmax(x, y, classes=[0, 4])
+    with pytest.raises(ValueError, match="out of range"):
+        lovasz_softmax(x, y, classes=[-1])
+    with pytest.raises(TypeError, match="integers"):
+        lovasz_softmax(x, y, classes=[0.5])
+    with pytest.raises(ValueError, match="'present', 'all'"):
+        lovasz_softmax(x, y, classes="none")
+
+
+# --------------------------------------------------------------------------- Triton kernel
+def _triton():
+    pytest.importorskip("triton")
+    from lipfast.kernels import lovasz as kernels
+
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,block", [(1, 16), (37, 16), (64, 16), (50, 64)])
+def test_triton_jaccard_grad(dtype, n, block):
+    from lipfast.losses.lovasz import _jaccard_grad_torch
+
+    kernels = _triton()
+    g = torch.Generator().manual_seed(n)
+    rows = 5
+    e = torch.rand(rows, n, generator=g, dtype=torch.float64)
+    fg = torch.rand(rows, n, generator=g) < 0.4
+    fg[1] = False  # a class with no foreground
+    ign = torch.rand(rows, n, generator=g) < 0.3
+    ign[2] = True  # every pixel ignored
+    fg &= ~ign
+    e = torch.where(ign, -1.0, e).to(dtype)
+    e_sorted, perm = torch.sort(e, -1, descending=True)
+    gs = torch.gather(fg, -1, perm)
+    gsum = fg.sum(-1, keepdim=True, dtype=torch.int32)
+    grad_k, loss_k = kernels.jaccard_grad(e_sorted, gs, gsum, block=block)
+    grad_t, loss_t = _jaccard_grad_torch(e_sorted, gs, gsum)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(grad_k, grad_t, atol=tol, rtol=0)
+    torch.testing.assert_close(loss_k, loss_t, atol=tol, rtol=0)
+    assert (grad_k[2] == 0).all() and (loss_k[2] == 0)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("classes", CLASSES, ids=str)
+def test_triton_forward_matches_reference(per_image, classes):
+    from lipfast.losses.lovasz import _lovasz_forward, _normalize_classes
+
+    kernels = _triton()
+    x, y = _data(2, 5, 7, 9, seed=18)
+    y[1, :3] = 255
+    ids, present = _normalize_classes(classes, 5)
+    loss, dx = _lovasz_forward(x, y, ids, present, per_image, 255, True, kernels=kernels)
+    xr = x.clone().requires_grad_(True)
+    ref = ref_lovasz(xr, y, classes=classes, per_image=per_image)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(dx, xr.grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    x, y = _data(2, 6, 33, 31, seed=19, dtype=dtype, label_dtype=torch.uint8)
+    for per_image in (False, True):
+        xc = x.clone().requires_grad_(True)
+        xg = x.cuda().requires_grad_(True)
+        lc = lovasz_softmax(xc, y, per_image=per_image)
+        lg = lovasz_softmax(xg, y.cuda(), per_image=per_image)
+        lc.backward()
+        lg.backward()
+        tol = 1e-2 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(lg.cpu(), lc, atol=tol, rtol=0)
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, atol=tol, rtol=0)

@@ -1,0 +1,301 @@
+"""lipfast.losses.upsample_cross_entropy against F.interpolate + F.cross_entropy
+(values and gradients), the op's registration (opcheck, torch.compile), bad
+input, and the Triton kernels run directly (on CPU tensors through
+TRITON_INTERPRET=1, which conftest.py switches on without a GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lipfast.losses.upsample_ce as uce_mod
+from lipfast.losses import UpsampleCrossEntropy, upsample_cross_entropy
+
+IGN = 255
+
+
+def reference(x, y, ignore_index=IGN, weight=None, align_corners=True, reduction="mean"):
+    up = F.interpolate(x, y.shape[-2:], mode="bilinear", align_corners=align_corners)
+    return F.cross_entropy(up, y.long(), weight=weight, ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+def make(b=2, c=5, h=7, w=5, hh=25, ww=19, dtype=torch.float64, ignore_frac=0.2, seed=0,
+         label_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (b, hh, ww), generator=g)
+    y[torch.rand(b, hh, ww, generator=g) < ignore_frac] = IGN
+    return x, y.to(label_dtype)
+
+
+def check(x, y, atol=1e-10, rtol=1e-8, **kw):
+    xa = x.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    got = upsample_cross_entropy(xa, y, **kw)
+    ref = reference(xr, y, **kw)
+    torch.testing.assert_close(got, ref.to(got.dtype), atol=atol, rtol=rtol)
+    gout = torch.randn_like(ref)
+    ga, = torch.autograd.grad(got, xa, gout.to(got.dtype))
+    gr, = torch.autograd.grad(ref, xr, gout)
+    torch.testing.assert_close(ga, gr, atol=atol, rtol=rtol)
+
+
+SHAPES = [
+    (2, 5, 7, 5, 25, 19),   # odd, non-square
+    (2, 4, 4, 6, 13, 17),   # non-integer upsample factor
+    (1, 3, 1, 3, 5, 9),     # single low-res row
+    (2, 3, 5, 5, 5, 5),     # no resize
+    (2, 4, 9, 8, 5, 6),     # downsampling
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matches_reference(shape, align_corners, reduction, weighted):
+    b, c, h, w, hh, ww = shape
+    x, y = make(b, c, h, w, hh, ww)
+    weight = torch.rand(c, dtype=torch.float64) + 0.1 if weighted else None
+    check(x, y, weight=weight, align_corners=align_corners, reduction=reduction)
+
+
+def test_multiple_tiles(monkeypatch):
+    # force many row tiles in the PyTorch path
+    monkeypatch.setattr(uce_mod, "_TILE_ELEMS", 64)
+    x, y = make(2, 5, 7, 5, 25, 19)
+    for ac in (True, False):
+        check(x, y, align_corners=ac, weight=torch.rand(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_gradcheck(align_corners):
+    x, y = make(2, 3, 3, 4, 7, 6)
+    x.requires_grad_()
+    wt = torch.rand(3, dtype=torch.float64) + 0.5
+    for red in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda t: upsample_cross_entropy(t, y, weight=wt, align_corners=align_corners,
+                                             reduction=red), (x,))
+
+
+def test_all_ignored():
+    x, y = make(2, 4, 3, 3, 8, 8)
+    y.fill_(IGN)
+    xa = x.clone().requires_grad_()
+    loss = upsample_cross_entropy(xa, y)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(xa.grad, torch.zeros_like(x))
+    # documented difference: F.cross_entropy returns nan here
+    assert torch.isnan(reference(x, y))
+    assert upsample_cross_entropy(x, y, reduction="sum").item() == 0.0
+    assert torch.equal(upsample_cross_entropy(x, y, reduction="none"),
+                       torch.zeros(2, 8, 8, dtype=torch.float64))
+    wt = torch.rand(4, dtype=torch.float64)
+    assert upsample_cross_entropy(x, y, weight=wt).item() == 0.0
+
+
+def test_one_valid_pixel():
+    x, y = make(2, 4, 3, 3, 8, 8)
+    y.fill_(IGN)
+    y[1, 5, 2] = 3
+    for red in ("mean", "sum", "none"):
+        check(x, y, reduction=red)
+        check(x, y, reduction=red, weight=torch.rand(4, dtype=torch.float64))
+
+
+def test_single_image_and_last_class():
+    x, y = make(1, 6, 5, 4, 17, 11)
+    y[:, ::2] = 5  # labels at C - 1
+    check(x, y)
+    check(x, y, align_corners=False, weight=torch.rand(6, dtype=torch.float64))
+
+
+def test_uint8_labels():
+    x, y = make(2, 5, 7, 5, 25, 19, label_dtype=torch.uint8)
+    assert y.dtype == torch.uint8
+    check(x, y)
+    check(x, y, reduction="none", weight=torch.rand(5, dtype=torch.float64))
+
+
+def test_half_ignored():
+    x, y = make(2, 5, 7, 5, 25, 19, ignore_frac=0.5)
+    check(x, y)
+    check(x, y, align_corners=False, reduction="sum")
+
+
+def test_custom_ignore_index():
+    x, y = make(2, 5, 7, 5, 25, 19, ignore_frac=0.0)
+    y[:, :3] = -100
+    check(x, y, ignore_index=-100)
+
+
+def test_non_contiguous_logits():
+    x, y = make(2, 5, 7, 5, 25, 19)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # channels/space strides permuted
+    assert not xt.is_contiguous()
+    check(xt, y)
+    xs = torch.randn(2, 10, 7, 10, dtype=torch.float64)[:, ::2, :, ::2]
+    check(xs, y, align_corners=False)
+    check(x.to(memory_format=torch.channels_last), y)
+
+
+def test_float32_and_low_precision():
+    x, y = make(2, 5, 7, 5, 25, 19, dtype=torch.float32)
+    check(x, y, atol=1e-5, rtol=1e-5)
+    for dt in (torch.float16, torch.bfloat16):
+        xl = x.to(dt).requires_grad_()
+        got = upsample_cross_entropy(xl, y)
+        assert got.dtype == torch.float32
+        xr = xl.detach().float().requires_grad_()
+        ref = reference(xr, y)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        got.backward()
+        ref.backward()
+        assert xl.grad.dtype == dt
+        torch.testing.assert_close(xl.grad.float(), xr.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_autocast_cpu():
+    x, y = make(2, 5, 7, 5, 25, 19, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.to(torch.bfloat16)
+        got = upsample_cross_entropy(xb, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference(xb.float(), y), atol=1e-5, rtol=1e-5)
+
+
+def test_module():
+    x, y = make(2, 5, 7, 5, 25, 19)
+    wt = torch.rand(5, dtype=torch.float64)
+    m = UpsampleCrossEntropy(weight=wt, align_corners=False, reduction="sum")
+    torch.testing.assert_close(m(x, y), reference(x, y, weight=wt, align_corners=False,
+                                                  reduction="sum"))
+    assert torch.equal(m.weight, wt)
+    torch.testing.assert_close(UpsampleCrossEntropy()(x, y), reference(x, y))
+    with pytest.raises(ValueError):
+        UpsampleCrossEntropy(reduction="avg")
+
+
+def test_bad_input():
+    x, y = make(2, 5, 3, 3, 8, 8)
+    bad = y.clone()
+    bad[0, 0, 0] = 5  # == C
+    with pytest.raises(ValueError, match="label 5"):
+        upsample_cross_entropy(x, bad)
+    bad[0, 0, 0] = -1
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x, bad)
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x, torch.full_like(y, IGN), ignore_index=-100)  # 255 >= C
+    with pytest.raises(ValueError, match="batch"):
+        upsample_cross_entropy(x, y[:1])
+    with pytest.raises(TypeError):
+        upsample_cross_entropy(x, y.double())
+    with pytest.raises(ValueError, match="weight"):
+        upsample_cross_entropy(x, y, weight=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x[0], y)
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x, y[0])
+    with pytest.raises(TypeError):
+        upsample_cross_entropy(x.long(), y)
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x, y, reduction="avg")
+
+
+def test_opcheck():
+    x, y = make(2, 3, 3, 4, 7, 6)
+    x.requires_grad_()
+    wt = torch.rand(3, dtype=torch.float64)
+    for weight in (None, wt):
+        for ac in (True, False):
+            torch.library.opcheck(torch.ops.lipfast.upsample_ce.default, (x, y, weight, IGN, ac))
+    _, lse, _ = torch.ops.lipfast.upsample_ce(x.detach(), y, wt, IGN, True)
+    dnll = torch.randn(2, 7, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lipfast.upsample_ce_backward.default,
+                          (dnll, x.detach(), y, wt, lse, IGN, True))
+
+
+def test_torch_compile():
+    x, y = make(2, 5, 7, 5, 25, 19)
+    wt = torch.rand(5, dtype=torch.float64)
+
+    def f(t, lab):
+        return upsample_cross_entropy(t, lab, weight=wt) + 0.5 * upsample_cross_entropy(
+            t, lab, reduction="sum", align_corners=False)
+
+    xa = x.clone().requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(xa, y)
+    got.backward()
+    xr = x.clone().requires_grad_()
+    ref = reference(xr, y, weight=wt) + 0.5 * reference(xr, y, reduction="sum",
+                                                        align_corners=False)
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(xa.grad, xr.grad)
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels, called directly (CPU tensors under the interpreter, or CUDA)
+
+def _kernel_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 5, 25, 19), (1, 20, 4, 6, 13, 17),
+                                   (2, 3, 9, 8, 5, 6)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_kernels(align_corners, shape, weighted):
+    kernels = pytest.importorskip("lipfast.kernels.upsample_ce")
+    dev = _kernel_device()
+    b, c, h, w, hh, ww = shape
+    x, y = make(b, c, h, w, hh, ww, ignore_frac=0.3, label_dtype=torch.uint8)
+    x = x.to(dev).transpose(2, 3).contiguous().transpose(2, 3)  # strided read
+    y = y.to(dev)
+    wt = (torch.rand(c, dtype=torch.float64) + 0.1).to(dev) if weighted else None
+    nll, lse, bad = kernels.forward(x, y, wt, IGN, align_corners, block_p=16, block_c=4)
+    up = F.interpolate(x, (hh, ww), mode="bilinear", align_corners=align_corners)
+    ref = F.cross_entropy(up, y.long(), weight=wt, ignore_index=IGN, reduction="none")
+    torch.testing.assert_close(nll, ref)
+    torch.testing.assert_close(lse, torch.logsumexp(up, 1))
+    assert bad.item() == 0
+    dnll = torch.randn(b, hh, ww, dtype=torch.float64, device=dev)
+    dx = kernels.backward(dnll, x, y, wt, lse, IGN, align_corners)
+    xr = x.clone().requires_grad_()
+    rr = F.cross_entropy(F.interpolate(xr, (hh, ww), mode="bilinear",
+                                       align_corners=align_corners),
+                         y.long(), weight=wt, ignore_index=IGN, reduction="none")
+    gr, = torch.autograd.grad(rr, xr, dnll)
+    torch.testing.assert_close(dx, gr)
+    # deterministic: a second run is bitwise identical
+    assert torch.equal(kernels.backward(dnll, x, y, wt, lse, IGN, align_corners), dx)
+
+
+def test_triton_kernels_float32_and_bad_label():
+    kernels = pytest.importorskip("lipfast.kernels.upsample_ce")
+    dev = _kernel_device()
+    x, y = make(2, 5, 7, 5, 25, 19, dtype=torch.float32)
+    x, y = x.to(dev), y.to(dev)
+    nll, lse, bad = kernels.forward(x, y, None, IGN, True)
+    torch.testing.assert_close(nll, reference(x, y, reduction="none"), atol=1e-5, rtol=1e-5)
+    assert bad.item() == 0
+    y[1, 3, 4] = 9
+    _, _, bad = kernels.forward(x, y, None, IGN, True)
+    assert bad.item() == 1
+
+
+@pytest.mark.cuda
+def test_cuda_op_matches_reference():
+    x, y = make(2, 19, 31, 29, 121, 117, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    check(x, y, atol=1e-5, rtol=1e-5)
+    check(x.half(), y, atol=2e-2, rtol=2e-2)
+    wt = torch.rand(19, device="cuda")
+    check(x, y, atol=1e-5, rtol=1e-5, weight=wt, align_corners=False)
+    bad = y.clone()
+    bad[0, 0, 0] = 19
+    with pytest.raises(ValueError):
+        upsample_cross_entropy(x, bad)
