@@ -273,7 +273,8 @@ def test_cuda_op_matches_reference(dtype):
 @pytest.mark.parametrize("arch,dtypes", [(90, ["bf16", "fp16", "fp32"]), (80, ["bf16"])])
 def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
     # The interpreter checks the kernels' logic; this checks they compile to a
-    # cubin for real GPUs (Triton's ahead-of-time path, no GPU needed).
+    # cubin for real GPUs (Triton's ahead-of-time path, no GPU needed): the
+    # oc_attention kernels and those of lipfast.kernels.{edge, lovasz, upsample_ce}.
     import os
     import subprocess
     import sys
@@ -285,8 +286,17 @@ def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
     res = subprocess.run([sys.executable, str(script), str(arch), *dtypes], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    expected = 3 * (len(dtypes) + ("fp32" in dtypes))  # fp32: tf32 and ieee variants
-    assert res.stdout.count(": ok in") == expected, res.stdout
+    lines = [ln for ln in res.stdout.splitlines() if ": ok in" in ln]
+    # oc_attention: explicit signatures; fp32 has tf32 and ieee variants
+    oc = [ln for ln in lines if "/" in ln.split()[1]]
+    assert len(oc) == 3 * (len(dtypes) + ("fp32" in dtypes)), res.stdout
+    # edge / lovasz / upsample_ce: the signatures their launchers produce, for
+    # every input dtype (see triton_compile_check.py for the cases)
+    for dtype in dtypes:
+        for name in ("upsample_ce._fwd_kernel", "upsample_ce._bwd_kernel"):
+            assert any(f" {dtype} {name} " in ln for ln in lines), (dtype, name, res.stdout)
+    for name in ("edge._edge_kernel", "lovasz._lovasz_grad_kernel"):  # dtype-independent
+        assert any(f" {name} " in ln for ln in lines), (name, res.stdout)
 
 
 @pytest.mark.parametrize("regions", [0, 3])
