@@ -3,6 +3,10 @@
 input, and the Triton kernels run directly (on CPU tensors through
 TRITON_INTERPRET=1, which conftest.py switches on without a GPU)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,12 +64,72 @@ def test_matches_reference(shape, align_corners, reduction, weighted):
     check(x, y, weight=weight, align_corners=align_corners, reduction=reduction)
 
 
-def test_multiple_tiles(monkeypatch):
-    # force many row tiles in the PyTorch path
+def test_torch_fallback_multiple_tiles(monkeypatch):
+    # the tiled PyTorch path (CUDA float64 / no Triton), run on CPU tensors with
+    # many row tiles, against the reference and the C++ CPU kernel
     monkeypatch.setattr(uce_mod, "_TILE_ELEMS", 64)
     x, y = make(2, 5, 7, 5, 25, 19)
     for ac in (True, False):
-        check(x, y, align_corners=ac, weight=torch.rand(5, dtype=torch.float64))
+        wt = torch.rand(5, dtype=torch.float64)
+        nll, lse, wsum = uce_mod._torch_forward(x, y, wt, IGN, ac)
+        cn, cl, cw = torch.ops.lipfast.upsample_ce(x, y, wt, IGN, ac)
+        torch.testing.assert_close(nll, cn)
+        torch.testing.assert_close(lse, cl)
+        torch.testing.assert_close(wsum, cw)
+        xr = x.clone().requires_grad_()
+        ref = reference(xr, y, weight=wt, align_corners=ac, reduction="none")
+        torch.testing.assert_close(nll, ref)
+        dnll = torch.randn_like(ref)
+        gr, = torch.autograd.grad(ref, xr, dnll)
+        got = uce_mod._torch_backward(dnll, x, y, wt, lse, IGN, ac)
+        torch.testing.assert_close(got, gr)
+        torch.testing.assert_close(
+            torch.ops.lipfast.upsample_ce_backward(dnll, x, y, wt, lse, IGN, ac), gr)
+
+
+def test_cpu_kernel_deterministic_and_thread_independent():
+    x, y = make(3, 7, 9, 8, 37, 29, dtype=torch.float32)
+    dnll = torch.randn(3, 37, 29)
+    _, lse, _ = torch.ops.lipfast.upsample_ce(x, y, None, IGN, True)
+    g1 = torch.ops.lipfast.upsample_ce_backward(dnll, x, y, None, lse, IGN, True)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        g2 = torch.ops.lipfast.upsample_ce_backward(dnll, x, y, None, lse, IGN, True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(g1, g2)
+    assert torch.equal(torch.ops.lipfast.upsample_ce_backward(dnll, x, y, None, lse, IGN, True),
+                       g1)
+
+
+def test_cpu_baseline_isa_variant():
+    # the kernel's loops without AVX2 (picked at run time), in a fresh process
+    code = (
+        "import torch, torch.nn.functional as F, lipfast.losses as L\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dt in (torch.float32, torch.float64):\n"
+        "    x = torch.randn(2, 6, 9, 7, generator=g, dtype=dt, requires_grad=True)\n"
+        "    y = torch.randint(0, 6, (2, 33, 29), generator=g); y[:, :4] = 255\n"
+        "    w = torch.rand(6, generator=g, dtype=dt)\n"
+        "    for ac in (True, False):\n"
+        "        a, = torch.autograd.grad(L.upsample_cross_entropy(x, y, weight=w, align_corners=ac), x)\n"
+        "        r = F.cross_entropy(F.interpolate(x, (33, 29), mode='bilinear', align_corners=ac),\n"
+        "                            y, weight=w, ignore_index=255)\n"
+        "        b, = torch.autograd.grad(r, x)\n"
+        "        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)\n"
+    )
+    env = dict(os.environ, LIPFAST_CPU_NO_AVX2="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_float32_matches_interpolate_values():
+    # same bilinear indices and weights as ATen: lse agrees to float rounding
+    x, y = make(2, 6, 13, 11, 50, 47, dtype=torch.float32)
+    for ac in (True, False):
+        _, lse, _ = torch.ops.lipfast.upsample_ce(x, y, None, IGN, ac)
+        up = F.interpolate(x.double(), (50, 47), mode="bilinear", align_corners=ac)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(up, 1), atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
