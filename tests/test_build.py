@@ -138,3 +138,25 @@ def test_cuda_glue_parses_against_torch_headers(tmp_path):
              "-DTORCH_EXTENSION_NAME=_C", *incs, str(src)],
             capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
+
+
+def test_gpu_paths_fall_back_without_triton():
+    # lipfast.kernels.load: float64 and a missing Triton select the PyTorch path,
+    # the latter with one warning per op.
+    code = """
+        import sys, warnings, torch
+        from lipfast import kernels
+        assert kernels.load("oc_attention", "op", torch.float64) is None
+        assert kernels.load("oc_attention", "op", torch.float32).__name__.endswith("oc_attention")
+        sys.modules["triton"] = None  # as on a machine without Triton
+        for k in [m for m in sys.modules if m.startswith("lipfast.kernels.")]:
+            del sys.modules[k]
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert kernels.load("lovasz", "lipfast.lovasz_softmax", torch.float32) is None
+            assert kernels.load("lovasz", "lipfast.lovasz_softmax", torch.float32) is None
+        assert len(w) == 1 and "Triton is not available" in str(w[0].message), w
+        print("OK")
+    """
+    res = run_python(code, {})
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr

@@ -29,7 +29,6 @@ TRITON_INTERPRET=1 in the tests; on a GPU float64 goes to the PyTorch path).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

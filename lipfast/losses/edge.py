@@ -41,7 +41,6 @@ of the fused ``upsample_cross_entropy``, which this uses when present).
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -92,20 +91,13 @@ def _generate_edge_op(labels: torch.Tensor, edge_width: int) -> torch.Tensor:
     return _edge_torch(labels)
 
 
-_warned_no_triton = False
-
-
 @_generate_edge_op.register_kernel("cuda")
 def _generate_edge_cuda(labels, edge_width):
-    global _warned_no_triton
+    from .. import kernels as triton_kernels
+
     _check(labels, edge_width)
-    try:
-        from ..kernels import edge as kernels
-    except ImportError as err:
-        if not _warned_no_triton:
-            _warned_no_triton = True
-            warnings.warn(f"lipfast.generate_edge: Triton is not available ({err}); using the "
-                          "PyTorch path on the GPU", stacklevel=3)
+    kernels = triton_kernels.load("edge", "lipfast.generate_edge")
+    if kernels is None:
         return _edge_torch(labels)
     return kernels.generate_edge(labels, IGNORE)
 

@@ -72,7 +72,6 @@ it has not been run on a GPU here.
 from __future__ import annotations
 
 import operator
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -240,24 +239,12 @@ def _lovasz_op(x: torch.Tensor, labels: torch.Tensor, classes: list[int], presen
     return _lovasz_forward(x, labels, classes, present, per_image, ignore_index, from_logits)
 
 
-_warned_no_triton = False
-
-
 def _triton_kernels(x: torch.Tensor):
     """lipfast.kernels.lovasz for a non-float64 CUDA input, else None (float64 and
     missing Triton, with a one-time warning, go to the PyTorch path)."""
-    global _warned_no_triton
-    if x.dtype == torch.float64:
-        return None
-    try:
-        from ..kernels import lovasz as kernels
-    except ImportError as err:
-        if not _warned_no_triton:
-            _warned_no_triton = True
-            warnings.warn(f"lipfast.lovasz_softmax: Triton is not available ({err}); using the "
-                          "PyTorch path on the GPU", stacklevel=3)
-        return None
-    return kernels
+    from .. import kernels
+
+    return kernels.load("lovasz", "lipfast.lovasz_softmax", x.dtype)
 
 
 @_lovasz_op.register_kernel("cuda")

@@ -74,7 +74,6 @@ Differences from the reference:
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -251,22 +250,10 @@ def _torch_backward(dnll, logits, labels, weight, lse, ignore_index, align_corne
 # ---------------------------------------------------------------------------
 # custom ops
 
-_warned_no_triton = False
-
-
 def _triton_kernels(t: torch.Tensor):
-    global _warned_no_triton
-    if t.dtype == torch.float64:
-        return None
-    try:
-        from ..kernels import upsample_ce as kernels
-    except ImportError as err:
-        if not _warned_no_triton:
-            _warned_no_triton = True
-            warnings.warn(f"lipfast.upsample_cross_entropy: Triton is not available ({err}); "
-                          "using the slower PyTorch path on the GPU", stacklevel=3)
-        return None
-    return kernels
+    from .. import kernels
+
+    return kernels.load("upsample_ce", "lipfast.upsample_cross_entropy", t.dtype)
 
 
 # The ops' schemas are C++ (csrc/ops/upsample_ce.cpp), as is the CPU kernel

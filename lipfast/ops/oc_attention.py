@@ -26,7 +26,6 @@ float64 on CUDA and torch builds without the CPU flash kernel. Autograd:
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -258,25 +257,12 @@ def _oc_attention_op(
     return _cpu_impl_forward(qk, v, scale, regions)
 
 
-_warned_no_triton = False
-
-
 def _triton_kernels(t: torch.Tensor):
-    """The Triton kernel module for a CUDA tensor, or None: float64 goes to the
-    PyTorch path (tiled, O(N * d) memory), and so does everything when Triton is
-    not installed (with a one-time warning)."""
-    global _warned_no_triton
-    if t.dtype == torch.float64:
-        return None
-    try:
-        from ..kernels import oc_attention as kernels
-    except ImportError as err:
-        if not _warned_no_triton:
-            _warned_no_triton = True
-            warnings.warn(f"lipfast.oc_attention: Triton is not available ({err}); using the "
-                          "slower PyTorch path on the GPU", stacklevel=3)
-        return None
-    return kernels
+    """The Triton kernels for a CUDA tensor, or None for the PyTorch path (float64;
+    Triton missing, with a one-time warning)."""
+    from .. import kernels
+
+    return kernels.load("oc_attention", "lipfast.oc_attention", t.dtype)
 
 
 @_oc_attention_op.register_kernel("cuda")
