@@ -62,24 +62,30 @@ def region_tables(h: int, w: int, regions: int, block: int, device) -> tuple[tor
 
 
 @triton.jit
-def _tile_positions(tiles, regions, tile, BLOCK: tl.constexpr):
-    r = tl.load(tiles + 2 * tile)
-    t0 = tl.load(tiles + 2 * tile + 1)
-    h0 = tl.load(regions + 4 * r)
-    w0 = tl.load(regions + 4 * r + 1)
-    rh = tl.load(regions + 4 * r + 2)
-    rw = tl.load(regions + 4 * r + 3)
-    offs = t0 + tl.arange(0, BLOCK)
-    return h0 + offs // rw, w0 + offs % rw, offs < rh * rw, r
-
-
-@triton.jit
 def _region(regions, r):
+    """(row0, col0, cols, size) of region r."""
     h0 = tl.load(regions + 4 * r)
     w0 = tl.load(regions + 4 * r + 1)
     rh = tl.load(regions + 4 * r + 2)
     rw = tl.load(regions + 4 * r + 3)
     return h0, w0, rw, rh * rw
+
+
+@triton.jit
+def _positions(h0, w0, rw, n_r, start, BLOCK: tl.constexpr):
+    """Rows, columns and validity mask of positions start .. start + BLOCK of a region."""
+    offs = start + tl.arange(0, BLOCK)
+    return h0 + offs // rw, w0 + offs % rw, offs < n_r
+
+
+@triton.jit
+def _tile_positions(tiles, regions, tile, BLOCK: tl.constexpr):
+    """The positions of one tile, and its region's (row0, col0, cols, size)."""
+    r = tl.load(tiles + 2 * tile)
+    t0 = tl.load(tiles + 2 * tile + 1)
+    h0, w0, rw, n_r = _region(regions, r)
+    h, w, m = _positions(h0, w0, rw, n_r, t0, BLOCK)
+    return h, w, m, h0, w0, rw, n_r
 
 
 @triton.jit
@@ -110,8 +116,7 @@ def _fwd_kernel(QK, V, O, LSE, tiles, regions, scale_log2,
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pdv = tl.program_id(2)
-    hm, wm, mm, r = _tile_positions(tiles, regions, tile, BLOCK_M)
-    h0, w0, rw, n_r = _region(regions, r)
+    hm, wm, mm, h0, w0, rw, n_r = _tile_positions(tiles, regions, tile, BLOCK_M)
     offs_v = pdv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mv = offs_v < DV
     q_base = b * q_sb
@@ -120,10 +125,7 @@ def _fwd_kernel(QK, V, O, LSE, tiles, regions, scale_log2,
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     for n0 in range(0, n_r, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < n_r
-        hn = h0 + offs_n // rw
-        wn = w0 + offs_n % rw
+        hn, wn, mn = _positions(h0, w0, rw, n_r, n0, BLOCK_N)
         s = _gram(QK, q_base, q_sc, q_sh, q_sw, QK, q_base, q_sc, q_sh, q_sw,
                   hm, wm, mm, hn, wn, mn, DK, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
         s = tl.where(mn[None, :], s * scale_log2, float("-inf"))
@@ -153,18 +155,14 @@ def _bwd_dv_kernel(QK, DO, LSE, DVo, tiles, regions, scale_log2,
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pdv = tl.program_id(2)
-    hn, wn, mn, r = _tile_positions(tiles, regions, tile, BLOCK_N)  # key positions
-    h0, w0, rw, n_r = _region(regions, r)
+    hn, wn, mn, h0, w0, rw, n_r = _tile_positions(tiles, regions, tile, BLOCK_N)  # keys
     offs_v = pdv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mv = offs_v < DV
     q_base = b * q_sb
     d_base = b * d_sb
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     for m0 in range(0, n_r, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mm = offs_m < n_r
-        hm = h0 + offs_m // rw
-        wm = w0 + offs_m % rw
+        hm, wm, mm = _positions(h0, w0, rw, n_r, m0, BLOCK_M)
         s = _gram(QK, q_base, q_sc, q_sh, q_sw, QK, q_base, q_sc, q_sh, q_sw,
                   hm, wm, mm, hn, wn, mn, DK, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
         lse = tl.load(LSE + b * N + hm * W + wm, mask=mm, other=0.0).to(ACC) * 1.4426950408889634
@@ -188,8 +186,7 @@ def _bwd_dx_kernel(QK, V, DO, LSE, DELTA, DX, tiles, regions, scale, scale_log2,
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pdo = tl.program_id(2)
-    hm, wm, mm, r = _tile_positions(tiles, regions, tile, BLOCK_M)
-    h0, w0, rw, n_r = _region(regions, r)
+    hm, wm, mm, h0, w0, rw, n_r = _tile_positions(tiles, regions, tile, BLOCK_M)
     offs_o = pdo * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mo = offs_o < DK
     q_base = b * q_sb
@@ -199,10 +196,7 @@ def _bwd_dx_kernel(QK, V, DO, LSE, DELTA, DX, tiles, regions, scale, scale_log2,
     delta_i = tl.load(DELTA + b * N + hm * W + wm, mask=mm, other=0.0).to(ACC)
     dx = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC)
     for n0 in range(0, n_r, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < n_r
-        hn = h0 + offs_n // rw
-        wn = w0 + offs_n % rw
+        hn, wn, mn = _positions(h0, w0, rw, n_r, n0, BLOCK_N)
         valid = mm[:, None] & mn[None, :]
         s = _gram(QK, q_base, q_sc, q_sh, q_sw, QK, q_base, q_sc, q_sh, q_sw,
                   hm, wm, mm, hn, wn, mn, DK, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_D) * scale_log2
