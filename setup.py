@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ if torch is not None and os.environ.get("LIPFAST_SKIP_BUILD") != "1":
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=["lipfast", "lipfast.ops", "lipfast.nn", "lipfast.kernels", "lipfast.losses"],
+    packages=find_packages(include=["lipfast", "lipfast.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

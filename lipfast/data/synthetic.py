@@ -1,0 +1,246 @@
+"""A small synthetic data set in the LIP layout, for smoke tests and demos.
+
+``python -m lipfast.data.synthetic OUT --images N [--size 96] [--seed 0] [--val M]``
+writes ``OUT/{train,val}_images/<id>.jpg``, ``OUT/{train,val}_segmentations/<id>.png``
+and ``OUT/{train,val}_id.txt`` (SPEC section 6): N training and M validation
+images (M defaults to max(2, N // 4)), nothing downloaded.
+
+Every image is one drawn, front-facing figure on a noisy background: head with
+hair and face, torso, arms, legs and shoes, plus an outfit (upper-clothes and
+pants, coat and skirt, dress, or jumpsuit, cycling with the image index) and
+accessories (hat, sunglasses, scarf, gloves, socks; each present with
+probability 0.5, and forced on alternately in consecutive images). Any 4
+consecutive images of a split therefore contain all 20 LIP classes. Left/right
+follow LIP: the figure faces the camera, so its *left* arm, leg and shoe
+(classes 14, 16, 18) are on the image's right. Each class has its own colour
+(with a per-image jitter and per-pixel noise), so a small model can learn the
+task; image sizes vary around ``--size`` (height) and are mostly portrait, so
+the data set's aspect-ratio handling is exercised.
+
+Deterministic: the same arguments write the same files (each image draws from a
+generator seeded by (seed, split, index)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+# Class colours (RGB), one per LIP class; left/right parts share a colour (a
+# horizontal flip swaps their labels, so only the position tells them apart).
+CLASS_COLOURS = np.array([
+    (0, 0, 0),        # 0 Background (replaced by a textured background)
+    (200, 40, 40),    # 1 Hat
+    (70, 40, 20),     # 2 Hair
+    (240, 240, 80),   # 3 Glove
+    (20, 20, 20),     # 4 Sunglasses
+    (40, 90, 200),    # 5 Upper-clothes
+    (210, 80, 170),   # 6 Dress
+    (110, 70, 40),    # 7 Coat
+    (250, 250, 250),  # 8 Socks
+    (30, 40, 90),     # 9 Pants
+    (60, 150, 80),    # 10 Jumpsuits
+    (230, 130, 20),   # 11 Scarf
+    (150, 30, 110),   # 12 Skirt
+    (235, 190, 160),  # 13 Face
+    (220, 170, 140),  # 14 Left-arm
+    (220, 170, 140),  # 15 Right-arm
+    (205, 155, 125),  # 16 Left-leg
+    (205, 155, 125),  # 17 Right-leg
+    (90, 60, 120),    # 18 Left-shoe
+    (90, 60, 120),    # 19 Right-shoe
+], dtype=np.float32)
+
+OUTFITS = ("upper+pants", "coat+skirt", "dress", "jumpsuit")
+ACCESSORIES = ("hat", "sunglasses", "scarf", "gloves", "socks")
+
+
+def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str,
+                  accessories: set):
+    """Draws the label map (mode 'L' PIL image) of one figure."""
+    from PIL import Image, ImageDraw
+
+    lab = Image.new("L", (width, height), 0)
+    d = ImageDraw.Draw(lab)
+    top = height * rng.uniform(0.02, 0.08)
+    bottom = height * rng.uniform(0.93, 0.99)
+    fh = bottom - top  # figure height
+    cx = width * 0.5 + width * rng.uniform(-0.08, 0.08)
+    bw = min(fh * rng.uniform(0.20, 0.26), width * 0.42)  # shoulder half-width * 2
+
+    def y(f):
+        return top + f * fh
+
+    def lw(f):
+        return max(2, int(round(f * fh)))
+
+    sh_y, hip_y, ankle_y = y(0.22), y(0.52), y(0.92)
+    leg_dx = bw * 0.22
+    # legs (person's left = image right)
+    spread = bw * rng.uniform(0.0, 0.25)
+    for cls, sgn in ((16, 1), (17, -1)):
+        d.line([(cx + sgn * leg_dx, hip_y), (cx + sgn * (leg_dx + spread), ankle_y)],
+               fill=cls, width=lw(0.085))
+    if "socks" in accessories:
+        for sgn in (1, -1):
+            x0 = cx + sgn * (leg_dx + spread * 0.9)
+            d.line([(x0, y(0.86)), (cx + sgn * (leg_dx + spread), ankle_y)], fill=8,
+                   width=lw(0.085))
+    for cls, sgn in ((18, 1), (19, -1)):
+        fx = cx + sgn * (leg_dx + spread)
+        d.ellipse([fx - fh * 0.055, ankle_y - fh * 0.01, fx + fh * 0.055 + sgn * fh * 0.02,
+                   min(y(1.0), ankle_y + fh * 0.05)], fill=cls)
+    # lower clothes
+    if outfit == "upper+pants":
+        for sgn in (1, -1):
+            d.line([(cx + sgn * leg_dx, hip_y - fh * 0.02),
+                    (cx + sgn * (leg_dx + spread * 0.75), y(0.80))], fill=9, width=lw(0.10))
+        d.rectangle([cx - bw * 0.42, hip_y - fh * 0.03, cx + bw * 0.42, hip_y + fh * 0.04],
+                    fill=9)
+    elif outfit == "coat+skirt":
+        d.polygon([(cx - bw * 0.42, hip_y - fh * 0.03), (cx + bw * 0.42, hip_y - fh * 0.03),
+                   (cx + bw * 0.65, y(0.68)), (cx - bw * 0.65, y(0.68))], fill=12)
+    # arms (person's left = image right), hanging outward from the shoulders
+    hand_y = y(rng.uniform(0.45, 0.55))
+    for cls, sgn in ((14, 1), (15, -1)):
+        sx = cx + sgn * bw * 0.5
+        hx = sx + sgn * bw * rng.uniform(0.25, 0.7)
+        d.line([(sx, sh_y + fh * 0.02), (hx, hand_y)], fill=cls, width=lw(0.06))
+        if "gloves" in accessories:
+            d.ellipse([hx - fh * 0.035, hand_y - fh * 0.035, hx + fh * 0.035, hand_y + fh * 0.035],
+                      fill=3)
+    # torso
+    torso = [(cx - bw * 0.5, sh_y), (cx + bw * 0.5, sh_y), (cx + bw * 0.42, hip_y),
+             (cx - bw * 0.42, hip_y)]
+    if outfit == "upper+pants":
+        d.polygon(torso, fill=5)
+    elif outfit == "coat+skirt":
+        d.polygon([(cx - bw * 0.55, sh_y), (cx + bw * 0.55, sh_y), (cx + bw * 0.5, y(0.58)),
+                   (cx - bw * 0.5, y(0.58))], fill=7)
+    elif outfit == "dress":
+        d.polygon([(cx - bw * 0.5, sh_y), (cx + bw * 0.5, sh_y), (cx + bw * 0.42, hip_y),
+                   (cx + bw * 0.75, y(0.76)), (cx - bw * 0.75, y(0.76)), (cx - bw * 0.42, hip_y)],
+                  fill=6)
+    else:  # jumpsuit: torso and both legs down to the shins
+        d.polygon(torso, fill=10)
+        for sgn in (1, -1):
+            d.line([(cx + sgn * leg_dx, hip_y - fh * 0.02),
+                    (cx + sgn * (leg_dx + spread * 0.8), y(0.80))], fill=10, width=lw(0.10))
+    # scarf
+    if "scarf" in accessories:
+        d.rectangle([cx - bw * 0.3, y(0.17), cx + bw * 0.3, y(0.23)], fill=11)
+        d.rectangle([cx + bw * 0.05, y(0.17), cx + bw * 0.2, y(0.33)], fill=11)
+    # head: hair behind, face in front
+    hr = fh * 0.075
+    hy = y(0.10)
+    d.ellipse([cx - hr, hy - hr, cx + hr, hy + hr * 1.05], fill=2)
+    fr = hr * 0.78
+    d.ellipse([cx - fr, hy - fr * 0.8, cx + fr, hy + fr * 1.25], fill=13)
+    if "sunglasses" in accessories:
+        d.rectangle([cx - fr * 0.85, hy - fr * 0.15, cx + fr * 0.85, hy + fr * 0.2], fill=4)
+    if "hat" in accessories:
+        d.polygon([(cx - hr * 1.3, hy - hr * 0.45), (cx + hr * 1.3, hy - hr * 0.45),
+                   (cx + hr * 0.8, hy - hr * 1.5), (cx - hr * 0.8, hy - hr * 1.5)], fill=1)
+    return lab
+
+
+def _render(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+    """Colours a label map: class colours with jitter and noise on a textured background."""
+    h, w = label.shape
+    colours = CLASS_COLOURS + rng.uniform(-20, 20, size=(1, 3)).astype(np.float32)
+    img = colours[label]
+    # background: a random two-colour gradient plus blobs
+    c0 = rng.uniform(40, 200, size=3)
+    c1 = rng.uniform(40, 200, size=3)
+    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    bg = (c0 * (1 - t) + c1 * t) * np.ones((1, w, 1), dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(3):
+        by, bx = rng.uniform(0, h), rng.uniform(0, w)
+        r = rng.uniform(0.05, 0.2) * max(h, w)
+        blob = ((yy - by) ** 2 + (xx - bx) ** 2) < r * r
+        bg[blob] = bg[blob] * 0.5 + rng.uniform(40, 200, size=3) * 0.5
+    img = np.where((label == 0)[:, :, None], bg, img)
+    img = img + rng.normal(0, 8, size=img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def make_sample(seed: int, split: str, index: int, size: int = 96):
+    """(RGB uint8 H x W x 3 image, uint8 H x W label) of one synthetic sample."""
+    split_key = sum(split.encode())  # stable across processes (unlike hash())
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_key, int(index)]))
+    height = max(16, int(round(size * rng.uniform(0.85, 1.15))))
+    width = max(12, int(round(size * rng.uniform(0.6, 1.0))))
+    outfit = OUTFITS[index % len(OUTFITS)]
+    forced = set(ACCESSORIES[:2]) if index % 2 == 0 else set(ACCESSORIES[2:])
+    acc = {a for a in ACCESSORIES if a in forced or rng.random() < 0.5}
+    lab = np.asarray(_figure_label(rng, width, height, outfit, acc), dtype=np.uint8)
+    img = _render(rng, lab.astype(np.int64))
+    return img, lab
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | None = None,
+                   quiet: bool = True) -> dict:
+    """Writes the data set (see the module docstring); returns {split: [ids]}."""
+    from PIL import Image
+
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"--images must be a positive integer, got {images!r}")
+    if val is None:
+        val = max(2, images // 4)
+    if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+        raise ValueError(f"--val must be a non-negative integer, got {val!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"--size must be an integer >= 16, got {size!r}")
+    out = os.fspath(out)
+    result = {}
+    for split, n in (("train", images), ("val", val)):
+        if n == 0:
+            continue
+        img_dir = os.path.join(out, f"{split}_images")
+        seg_dir = os.path.join(out, f"{split}_segmentations")
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(seg_dir, exist_ok=True)
+        ids = []
+        for i in range(n):
+            sid = f"synth_{split}_{i:05d}"
+            img, lab = make_sample(seed, split, i, size)
+            Image.fromarray(img, "RGB").save(os.path.join(img_dir, sid + ".jpg"), quality=95)
+            Image.fromarray(lab, "L").save(os.path.join(seg_dir, sid + ".png"))
+            ids.append(sid)
+        _write_text_atomic(os.path.join(out, f"{split}_id.txt"), "\n".join(ids) + "\n")
+        result[split] = ids
+        if not quiet:
+            print(f"synthetic: wrote {n} {split} images to {out}")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lipfast.data.synthetic",
+                                description="Write a small synthetic LIP-layout data set.")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--images", type=int, required=True, help="number of training images")
+    p.add_argument("--size", type=int, default=96, help="nominal image height (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val", type=int, default=None,
+                   help="number of validation images (default max(2, images // 4))")
+    args = p.parse_args(argv)
+    try:
+        make_synthetic(args.out, args.images, args.size, args.seed, args.val, quiet=False)
+    except ValueError as err:
+        p.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

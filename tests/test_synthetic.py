@@ -1,0 +1,105 @@
+"""lipfast.data.synthetic: layout, class coverage, determinism, loadability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lipfast.data import LIPDataset
+from lipfast.data.synthetic import main, make_sample, make_synthetic
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    main([str(root), "--images", "6", "--val", "4", "--size", "48", "--seed", "3"])
+    return root
+
+
+def _labels(root, split):
+    ids = (root / f"{split}_id.txt").read_text().split()
+    return ids, [np.array(Image.open(root / f"{split}_segmentations" / f"{i}.png")) for i in ids]
+
+
+def test_layout(synth):
+    for split, n in (("train", 6), ("val", 4)):
+        ids = (synth / f"{split}_id.txt").read_text().splitlines()
+        assert len(ids) == n and len(set(ids)) == n
+        for sid in ids:
+            img = Image.open(synth / f"{split}_images" / f"{sid}.jpg")
+            lab = Image.open(synth / f"{split}_segmentations" / f"{sid}.png")
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert lab.format == "PNG" and lab.mode == "L"
+            assert img.size == lab.size
+            arr = np.array(lab)
+            assert arr.max() <= 19
+    # sizes vary (aspect-ratio handling is exercised)
+    sizes = {Image.open(p).size for p in (synth / "train_images").iterdir()}
+    assert len(sizes) > 1
+
+
+def test_all_20_classes_in_every_4_images(synth):
+    for split in ("train", "val"):
+        _, labels = _labels(synth, split)
+        present = set()
+        for lab in labels[:4]:
+            present |= set(np.unique(lab).tolist())
+        assert present == set(range(20)), (split, sorted(set(range(20)) - present))
+
+
+def test_left_parts_on_image_right(synth):
+    """LIP convention: the figure faces the camera, its left side is on the image's right."""
+    _, labels = _labels(synth, "train")
+    checked = 0
+    for lab in labels:
+        cols = np.arange(lab.shape[1])[None, :].repeat(lab.shape[0], 0)
+        for left, right in ((14, 15), (16, 17), (18, 19)):
+            if (lab == left).sum() >= 3 and (lab == right).sum() >= 3:
+                assert cols[lab == left].mean() > cols[lab == right].mean()
+                checked += 1
+    assert checked >= 2 * len(labels)
+
+
+def test_image_colours_follow_labels(synth):
+    """Each class is drawn with its own colour: the per-class mean colour
+    differs between classes far more than the noise inside a class."""
+    ids = (synth / "train_id.txt").read_text().split()
+    img = np.array(Image.open(synth / "train_images" / f"{ids[0]}.jpg")).astype(float)
+    lab = np.array(Image.open(synth / "train_segmentations" / f"{ids[0]}.png"))
+    means = {c: img[lab == c].mean(0) for c in (0, 5, 9, 13) if (lab == c).sum() > 20}
+    assert len(means) >= 3
+    keys = list(means)
+    gaps = [np.abs(means[a] - means[b]).max() for i, a in enumerate(keys) for b in keys[i + 1:]]
+    assert min(gaps) > 30
+
+
+def test_deterministic(tmp_path):
+    a = make_sample(5, "train", 3, 40)
+    b = make_sample(5, "train", 3, 40)
+    c = make_sample(6, "train", 3, 40)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not (a[0].shape == c[0].shape and np.array_equal(a[0], c[0]))
+    make_synthetic(tmp_path / "x", 2, size=32, seed=1, val=1)
+    make_synthetic(tmp_path / "y", 2, size=32, seed=1, val=1)
+    for rel in ("train_segmentations/synth_train_00001.png", "val_images/synth_val_00000.jpg"):
+        assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
+
+
+def test_loadable_by_lipdataset(synth):
+    ds = LIPDataset(synth, "train", crop_size=33, seed=0)
+    img, lab, meta = ds[0]
+    assert img.shape == (3, 33, 33) and lab.shape == (33, 33)
+    assert set(lab.unique().tolist()) <= set(range(20)) | {255}
+    ev = LIPDataset(synth, "val", crop_size=33, train=False)
+    img, lab, meta = ev[1]
+    assert lab.shape == (meta["height"], meta["width"])
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--images", "0"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--images", "2", "--size", "4"])
+    with pytest.raises(ValueError, match="--val"):
+        make_synthetic(tmp_path, 2, val=-1)
