@@ -4,13 +4,14 @@ eager formulations they replace (SPEC section 3).
 
 Rows (each: lipfast vs reference, forward + backward):
 
-  generate_edge  lipfast.losses.generate_edge (CPU: sliced boolean ops; CUDA:
+  generate_edge  lipfast.losses.generate_edge (CPU: the C++ kernel; CUDA:
                  the Triton kernel) vs SCHP's generate_edge_tensor (float copy
                  of the labels, four masked writes, 3x3 all-ones float conv).
                  No backward (integer output).
   upsample_ce    lipfast.losses.upsample_cross_entropy vs F.interpolate +
                  F.cross_entropy, on the C-class parsing logits.
-  lovasz         lipfast.losses.lovasz_softmax on the upsampled logits vs the
+  lovasz         lipfast.losses.lovasz_softmax (CPU: the C++ kernel; CUDA:
+                 torch.sort + the Triton Jaccard kernel) on the upsampled logits vs the
                  per-class Python loop of Berman et al. (softmax, one sort per
                  class), same upsampled input (upsample not timed in this row).
   edge_loss      lipfast.losses.edge_loss vs F.interpolate + F.cross_entropy
@@ -31,13 +32,24 @@ of the unique storages saved for backward (torch.autograd.graph
 torch.cuda.max_memory_allocated during the step above the inputs. A
 correctness check (values within 1e-4 relative, float32) runs first.
 ``--json PATH`` writes the rows and the environment.
+
+Lovász memory (CPU; every device unless --no-rss): peak resident memory of one
+``lovasz_softmax`` forward + backward on B x C x H x W logits already at label
+size, above the process's memory with the inputs allocated (peak RSS, VmHWM
+after a reset, in a fresh child process per implementation; it includes the
+B x C x H x W gradient itself). Implementations: lipfast's op (C++ kernel on
+CPU), lipfast's vectorised PyTorch path (the CUDA float64 / no-Triton path,
+run on CPU), the per-class eager loop. Default B=2, C=20, 119x119;
+``--full``: B=8, C=20, 473x473 (LIP training).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -200,6 +212,83 @@ def labels_like(b, H, W, c, device, seed=0):
     return lab.to(device)
 
 
+# ----------------------------------------------------------------- Lovász peak memory
+RSS_IMPLS = ("lipfast", "lipfast-pytorch-path", "eager-loop")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM; Linux >= 4.0). Needed because
+    getrusage's max RSS survives fork + exec: a child of a large parent starts
+    with the parent's mark."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset: bool) -> int:
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _rss_child(spec: str) -> None:
+    """Child process: print the peak RSS (MiB) of one Lovász forward + backward
+    above the RSS with the inputs allocated."""
+    impl, b, c, hw = spec.split(",")
+    b, c, hw = int(b), int(c), int(hw)
+    torch.manual_seed(0)
+    x = torch.randn(b, c, hw, hw).requires_grad_()
+    labels = labels_like(b, hw, hw, c, "cpu").to(torch.uint8)
+    from lipfast.losses.lovasz import _lovasz_forward, lovasz_softmax
+
+    small_x = torch.randn(1, c, 8, 8, requires_grad=True)  # load code paths first
+    small_y = torch.randint(0, c, (1, 8, 8), dtype=torch.uint8)
+    if impl == "lipfast":
+        def fn(z, y):
+            return lovasz_softmax(z, y)
+    elif impl == "lipfast-pytorch-path":
+        def fn(z, y):
+            loss, dz = _lovasz_forward(z.detach(), y, list(range(c)), True, False, IGN, True)
+            z.grad = dz
+            return None
+    else:
+        def fn(z, y):
+            return lovasz_loop(F.softmax(z, 1), y.long())
+    out = fn(small_x, small_y)
+    if out is not None:
+        out.backward()
+    base = _rss_bytes()
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    out = fn(x, labels)
+    if out is not None:
+        out.backward()
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = _peak_rss_bytes(reset)
+    print(json.dumps({"peak_extra_MB": max(0, peak - base) / 2**20, "ms": ms,
+                      "inputs_MB": (x.numel() * 4 + labels.numel()) / 2**20}))
+
+
+def lovasz_memory(b: int, c: int, hw: int) -> dict:
+    res = {}
+    for impl in RSS_IMPLS:
+        r = subprocess.run([sys.executable, __file__, "--_rss-child", f"{impl},{b},{c},{hw}"],
+                           capture_output=True, text=True, check=True)
+        res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="LIP training shapes (GPU)")
@@ -207,7 +296,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-rss", action="store_true", help="skip the Lovász peak-memory rows")
+    ap.add_argument("--_rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._rss_child:
+        _rss_child(args._rss_child)
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.full:
         b, c, h, H = 8, 20, 119, 473
@@ -269,9 +363,19 @@ def main(argv=None):
             return f"{x['saved_MB']:.1f}" + (f"/{x['peak_MB']:.0f}" if "peak_MB" in x else "")
         print(f"{r['row']:<14} {L['ms']:>11.2f} {R['ms']:>9.2f} {R['ms'] / L['ms']:>7.2f}x "
               f"{m(L):>14} {m(R):>14} {r['rel_err']:>9.1e}{'' if r['ok'] else '  MISMATCH'}")
+    lov_mem = None
+    if not args.no_rss:
+        lb, lhw = (8, 473) if args.full else (2, 119)
+        lov_mem = {"shape": dict(b=lb, c=c, H=lhw, W=lhw), **lovasz_memory(lb, c, lhw)}
+        print(f"\nLovász forward+backward on CPU, B={lb} C={c} {lhw}x{lhw} logits (inputs "
+              f"{lov_mem['lipfast']['inputs_MB']:.0f} MB): peak RSS above the inputs, one run")
+        for impl in RSS_IMPLS:
+            r = lov_mem[impl]
+            print(f"  {impl:<22} {r['peak_extra_MB']:>8.0f} MB {r['ms']:>9.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"env": environment(device), "shape": dict(b=b, c=c, h=h, H=H), "reps": reps,
+             "lovasz_cpu_peak_rss": lov_mem,
              "memory": "saved-tensor bytes (saved_tensors_hooks)" + (
                  "; peak_MB = cuda max_memory_allocated above inputs"
                  if device.type == "cuda" else ""),

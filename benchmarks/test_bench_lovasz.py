@@ -6,9 +6,9 @@ testpaths = tests).
 
 Groups (compare within a group), one per shape and setting:
 - ``lovasz-fwd-bwd-*``: softmax + loss + backward to the logits, for
-  ``lipfast.losses.lovasz_softmax`` (one op: one batched sort of the classes x
-  pixels error matrix, vectorised Jaccard gradient, gradient scattered back with
-  the sort permutation) and the eager reference (Berman's formulation: boolean
+  ``lipfast.losses.lovasz_softmax`` (one op; on CPU the C++ kernel: per
+  class a radix sort of the valid pixels' errors, the Jaccard gradient and the
+  gradient written straight to the pixels, classes in parallel) and the eager reference (Berman's formulation: boolean
   masking of ignored pixels, a Python loop over classes with one sort each,
   autograd through the sorted errors).
 - ``lovasz-fwd-*``: the forward alone, under ``torch.no_grad()``.

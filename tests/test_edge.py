@@ -91,9 +91,21 @@ def test_generate_edge_triton(shape, dtype):
                                edge_reference(strided.cpu()), rtol=0, atol=0)
 
 
-def test_generate_edge_opcheck():
-    lab = blobby_labels(2, 9, 10, seed=1, dtype=torch.uint8)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_generate_edge_opcheck(dtype):
+    lab = blobby_labels(2, 9, 10, seed=1, dtype=dtype)
     torch.library.opcheck(torch.ops.lipfast.generate_edge.default, (lab, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_vectorised_fallback_path(dtype):
+    # the PyTorch path CUDA uses without Triton
+    from lipfast.losses.edge import _edge_torch
+
+    lab = blobby_labels(2, 13, 17, seed=17, dtype=dtype)
+    torch.testing.assert_close(_edge_torch(lab), edge_reference_steps(lab), rtol=0, atol=0)
+    torch.testing.assert_close(_edge_torch(lab[:, ::2].transpose(1, 2)),
+                               edge_reference_steps(lab[:, ::2].transpose(1, 2)), rtol=0, atol=0)
 
 
 def edge_loss_reference(logits, edges):
@@ -132,3 +144,121 @@ def test_edge_loss_no_edges_is_zero():
     assert loss.item() == 0.0  # upstream: NaN (0 / 0)
     loss.backward()
     assert torch.isfinite(z.grad).all()
+
+
+# --------------------------------------------------------------------------- C++ CPU kernel
+def edge_reference_steps(labels):
+    """SPEC section 3 step by step on int64 numbers (no conv): the four rules,
+    then the 3x3 box dilation as an explicit neighbourhood OR."""
+    L = labels.long().tolist()
+    n, h, w = labels.shape
+    out = torch.zeros((n, h, w), dtype=torch.int64)
+    for i in range(n):
+        raw = [[0] * w for _ in range(h)]
+        for y in range(h):
+            for x in range(w):
+                a = L[i][y][x]
+                for yy, xx, ok in ((y - 1, x, y >= 1), (y, x + 1, x < w - 1),
+                                   (y + 1, x + 1, y < h - 1 and x < w - 1),
+                                   (y + 1, x - 1, y < h - 1 and x >= 1)):
+                    if ok and a != 255 and L[i][yy][xx] != 255 and a != L[i][yy][xx]:
+                        raw[y][x] = 1
+        for y in range(h):
+            for x in range(w):
+                out[i, y, x] = int(any(raw[yy][xx] for yy in range(max(0, y - 1), min(h, y + 2))
+                                       for xx in range(max(0, x - 1), min(w, x + 2))))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 13), (2, 11, 1), (3, 9, 14), (2, 17, 23),
+                                   (1, 40, 3)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_cpp_kernel_matches_steps(shape, dtype):
+    lab = blobby_labels(*shape, seed=11 + sum(shape), dtype=dtype)
+    before = lab.clone()
+    out = torch.ops.lipfast.generate_edge(lab, 3)
+    assert out.dtype == torch.int64 and out.shape == lab.shape and out.is_contiguous()
+    torch.testing.assert_close(out, edge_reference_steps(lab), rtol=0, atol=0)
+    torch.testing.assert_close(lab, before, rtol=0, atol=0)  # input untouched
+
+
+def test_cpp_kernel_special_inputs():
+    # all ignored, single differing pixel surrounded by ignore, uniform
+    for lab in (torch.full((2, 7, 9), 255, dtype=torch.uint8),
+                torch.full((1, 1, 5), 255, dtype=torch.int64),
+                torch.full((2, 6, 5), 7, dtype=torch.int64)):
+        assert torch.ops.lipfast.generate_edge(lab, 3).sum() == 0
+    lab = torch.full((1, 5, 6), 255, dtype=torch.int64)
+    lab[0, 2, 2], lab[0, 2, 3] = 1, 2  # raw edge at (2, 2) only (rule "x < W-1")
+    expect = torch.zeros(1, 5, 6, dtype=torch.int64)
+    expect[0, 1:4, 1:4] = 1
+    torch.testing.assert_close(torch.ops.lipfast.generate_edge(lab, 3), expect)
+    # labels beyond uint8 range and negative values compare as integers
+    lab = torch.tensor([[[300, 300, -1], [300, 44, 255]]], dtype=torch.int64)
+    torch.testing.assert_close(torch.ops.lipfast.generate_edge(lab, 3),
+                               edge_reference_steps(lab), rtol=0, atol=0)
+    # empty image
+    for shape, dt in (((0, 4, 4), torch.uint8), ((2, 0, 4), torch.int64), ((1, 3, 0), torch.int32)):
+        out = torch.ops.lipfast.generate_edge(torch.zeros(shape, dtype=dt), 3)
+        assert out.shape == shape and out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_cpp_kernel_non_contiguous(dtype):
+    big = blobby_labels(3, 26, 31, seed=12, dtype=dtype)
+    for view in (big.transpose(1, 2), big[:, 1::3, ::2], big[::2, :, 5:], big.flip(2)[:, :, :-1]):
+        ref = edge_reference_steps(view.contiguous())
+        torch.testing.assert_close(torch.ops.lipfast.generate_edge(view, 3), ref, rtol=0, atol=0)
+    # expanded (stride 0) batch
+    one = blobby_labels(1, 9, 10, seed=13, dtype=dtype).expand(3, 9, 10)
+    torch.testing.assert_close(torch.ops.lipfast.generate_edge(one, 3),
+                               edge_reference_steps(one.contiguous()), rtol=0, atol=0)
+
+
+def test_cpp_kernel_threads_and_large():
+    # many rows, chunks of rows per thread: the result must not depend on threads
+    lab = blobby_labels(2, 97, 61, seed=14, dtype=torch.uint8)
+    ref = edge_reference(lab)
+    old = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            torch.testing.assert_close(torch.ops.lipfast.generate_edge(lab, 3), ref, rtol=0,
+                                       atol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cpp_kernel_bad_input():
+    lab = blobby_labels(1, 5, 6, seed=15)
+    with pytest.raises(ValueError, match="edge_width=3"):
+        torch.ops.lipfast.generate_edge(lab, 5)
+    with pytest.raises(ValueError, match="B x H x W"):
+        torch.ops.lipfast.generate_edge(lab[0], 3)
+    with pytest.raises(TypeError, match="integer labels"):
+        torch.ops.lipfast.generate_edge(lab.float(), 3)
+    with pytest.raises(TypeError, match="integer labels"):
+        torch.ops.lipfast.generate_edge(lab.bool(), 3)
+    with pytest.raises(TypeError, match="integer labels"):
+        generate_edge(lab.to(torch.int8))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_generate_edge_compile(dynamic):
+    torch._dynamo.reset()
+
+    def f(lab):
+        return generate_edge(lab).sum(dim=(1, 2))
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for shape in ((2, 9, 13), (1, 12, 7)):
+        lab = blobby_labels(*shape, seed=16, dtype=torch.uint8)
+        torch.testing.assert_close(cf(lab), edge_reference(lab).sum(dim=(1, 2)))
+
+
+def test_edge_loss_double_backward_raises():
+    lab = blobby_labels(2, 15, 13, seed=18)
+    z = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(edge_loss(z, generate_edge(lab)), z, create_graph=True)
+    with pytest.raises(NotImplementedError, match="upsample_ce_backward"):
+        torch.autograd.grad(g.square().sum(), z)

@@ -349,3 +349,118 @@ def test_cuda_matches_cpu(dtype):
         tol = 1e-2 if dtype == torch.float16 else 1e-5
         torch.testing.assert_close(lg.cpu(), lc, atol=tol, rtol=0)
         torch.testing.assert_close(xg.grad.cpu(), xc.grad, atol=tol, rtol=0)
+
+
+# --------------------------------------------------------------------------- C++ CPU kernel
+def _op(x, y, ids, present, per_image, ignore=255, from_logits=True):
+    return torch.ops.lipfast.lovasz_softmax_loss(x, y, ids, present, per_image, ignore,
+                                                 from_logits)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_cpp_kernel_matches_vectorised_path(per_image, label_dtype):
+    """The C++ kernel against the vectorised PyTorch path (the one CUDA float64
+    uses), every classes mode, several label dtypes."""
+    from lipfast.losses.lovasz import _lovasz_forward
+
+    x, y = _data(3, 6, 9, 7, seed=20)
+    y[2, :4] = 255
+    y = y.to(label_dtype) if label_dtype != torch.int8 else torch.where(y == 255, -3, y).to(
+        torch.int8)
+    ign = -3 if label_dtype == torch.int8 else 255
+    for ids, present in ((list(range(6)), True), (list(range(6)), False), ([5, 0, 5], False),
+                         ([4, 2], True), ([], True)):
+        for from_logits in (True, False):
+            xin = x if from_logits else torch.softmax(x, 1)
+            la, ga = _op(xin, y, ids, present, per_image, ign, from_logits)
+            lb, gb = _lovasz_forward(xin, y, ids, present, per_image, ign, from_logits)
+            torch.testing.assert_close(la, lb, atol=1e-12, rtol=0)
+            torch.testing.assert_close(ga, gb, atol=1e-12, rtol=0)
+
+
+def test_cpp_kernel_probabilities_outside_unit_interval():
+    # from_logits=False takes any values: d|fg - p| / dp = sign(p - fg), also for
+    # p > 1 with fg = 1 and p < 0 with fg = 0 (and for an absent class)
+    x, y = _data(2, 4, 5, 6, seed=21)
+    p = torch.softmax(x, 1) * 1.6 - 0.3
+    for classes in ("present", "all", [0, 1, 1]):
+        _compare(p, y, classes=classes, from_logits=False)
+        _compare(p, y, classes=classes, per_image=True, from_logits=False)
+
+
+def test_cpp_kernel_non_contiguous_inputs_untouched():
+    x, y = _data(2, 5, 8, 7, seed=22)
+    xs = x.permute(0, 1, 3, 2)  # B x C x 7 x 8, strided
+    ys = y.transpose(1, 2)
+    x0, y0 = xs.clone(), ys.clone()
+    la, ga = _compare(xs, ys)
+    lb, gb = _compare(xs.contiguous(), ys.contiguous())
+    torch.testing.assert_close(la, lb, atol=0, rtol=0)
+    torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+    assert torch.equal(xs, x0) and torch.equal(ys, y0)
+    # channels-last float32
+    xc = x.float().contiguous(memory_format=torch.channels_last)
+    l1, g1 = _op(xc, y, list(range(5)), True, False)
+    l2, g2 = _op(x.float(), y, list(range(5)), True, False)
+    torch.testing.assert_close(l1, l2, atol=0, rtol=0)
+    torch.testing.assert_close(g1, g2, atol=0, rtol=0)
+
+
+def test_cpp_kernel_thread_count_independent():
+    x, y = _data(2, 7, 23, 19, seed=23, dtype=torch.float32)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(_op(x, y, list(range(7)), True, False))
+            outs.append(_op(x, y, [1, 1, 3], False, True))
+    finally:
+        torch.set_num_threads(old)
+    for i in range(2, len(outs)):
+        ref = outs[i % 2]
+        assert torch.equal(outs[i][0], ref[0]) and torch.equal(outs[i][1], ref[1])
+
+
+def test_cpp_kernel_ties_and_constant_errors():
+    # many equal errors (uniform logits, uint8 labels): the loss is tie-order free
+    x = torch.zeros(2, 3, 6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 6, 5), generator=torch.Generator().manual_seed(24))
+    for classes in ("present", "all"):
+        la = lovasz_softmax(x, y.to(torch.uint8), classes=classes)
+        lb = ref_lovasz(x, y, classes=classes)
+        torch.testing.assert_close(la, lb, atol=1e-12, rtol=0)
+
+
+def test_cpp_kernel_bad_input_direct():
+    x, y = _data(2, 4, 5, 6, seed=25)
+    with pytest.raises(ValueError, match="class id 4 is out of range"):
+        _op(x, y, [0, 4], False, False)
+    with pytest.raises(ValueError, match="class id -1 is out of range"):
+        _op(x, y, [-1], False, False)
+    bad = y.clone()
+    bad[1, 4, 5] = 77
+    with pytest.raises(ValueError, match="labels must be in \\[0, 4\\).*found 77"):
+        _op(x, bad, [0, 1], True, True)
+    with pytest.raises(ValueError, match="do not match"):
+        _op(x, y[:, 1:], [0], True, False)
+    with pytest.raises(TypeError, match="integer labels"):
+        _op(x, y.bool(), [0], True, False)
+    with pytest.raises(TypeError, match="floating-point"):
+        _op(x.int(), y, [0], True, False)
+    with pytest.raises(ValueError, match="no classes"):
+        _op(x[:, :0], y, [], True, False)
+
+
+def test_double_backward_raises():
+    x, y = _data(2, 4, 5, 6, seed=26)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(lovasz_softmax(xr, y), xr, create_graph=True)
+    xs = x.clone().requires_grad_(True)
+    (gs,) = torch.autograd.grad(ref_lovasz(xs, y), xs)
+    torch.testing.assert_close(g.detach(), gs, atol=1e-10, rtol=0)  # first order still right
+    with pytest.raises(NotImplementedError, match="lovasz_softmax_loss"):
+        torch.autograd.grad((g * g).sum(), xr)
+    (g2,) = torch.autograd.grad(lovasz_softmax(xr, y), xr)
+    assert not g2.requires_grad

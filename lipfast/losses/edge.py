@@ -22,11 +22,20 @@ SCHP's function, all deliberate:
   so other widths change the output size there; the SPEC fixes 3x3, and any
   other value raises ValueError.
 
-Kernels: CPU (and any non-CUDA device): vectorised slicing and boolean ops,
-separable dilation by shifted ORs. CUDA: the Triton kernel in
-:mod:`lipfast.kernels.edge` (one pass, labels read once per tile through
-strides); falls back to the PyTorch path without Triton. No autograd (integer
-output); a fake kernel for ``torch.compile``.
+Kernels (schema ``lipfast::generate_edge(Tensor labels, int edge_width)`` in
+C++, ``csrc/ops/edge.cpp``):
+
+- CPU: C++ (``csrc/ops/cpu/edge_kernel.cpp``), one pass over the labels in
+  their own dtype read through their strides (no float copy, no contiguous
+  copy), parallel over (image, output row) in chunks; each chunk keeps the
+  horizontally dilated raw-edge rows y-1, y, y+1 in a ring of three W-byte
+  buffers; the int64 output is written once.
+- CUDA: the Triton kernel in :mod:`lipfast.kernels.edge` (one pass, labels read
+  once per tile through strides), registered from here; without Triton the
+  vectorised PyTorch path ``_edge_torch`` (slices, boolean ops, separable
+  dilation by shifted ORs; also the reference the tests compare against).
+
+No autograd (integer output); a fake kernel for ``torch.compile``.
 
 ``edge_loss(edge_logits, edge_labels, ignore_index=255)``: class-balanced
 cross-entropy of CE2P/SCHP on the B x 2 x h x w edge logits upsampled
@@ -44,6 +53,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import _ext
 
 IGNORE = 255
 _INT_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -85,13 +96,13 @@ def _edge_torch(labels: torch.Tensor) -> torch.Tensor:
     return out.to(torch.int64)
 
 
-@torch.library.custom_op("lipfast::generate_edge", mutates_args=())
-def _generate_edge_op(labels: torch.Tensor, edge_width: int) -> torch.Tensor:
-    _check(labels, edge_width)
-    return _edge_torch(labels)
+# The op's schema is C++ (csrc/ops/edge.cpp), as is the CPU kernel
+# (csrc/ops/cpu/edge_kernel.cpp); registered here: the CUDA kernel (Triton, or
+# the vectorised PyTorch path without Triton) and the fake kernel.
+_ext.load()
 
 
-@_generate_edge_op.register_kernel("cuda")
+@torch.library.register_kernel("lipfast::generate_edge", "cuda")
 def _generate_edge_cuda(labels, edge_width):
     from .. import kernels as triton_kernels
 
@@ -102,8 +113,9 @@ def _generate_edge_cuda(labels, edge_width):
     return kernels.generate_edge(labels, IGNORE)
 
 
-@_generate_edge_op.register_fake
+@torch.library.register_fake("lipfast::generate_edge")
 def _generate_edge_fake(labels, edge_width):
+    _check(labels, edge_width)
     return labels.new_empty(labels.shape, dtype=torch.int64)
 
 
@@ -113,7 +125,7 @@ def generate_edge(labels: torch.Tensor, edge_width: int = 3) -> torch.Tensor:
     if isinstance(labels, torch.Tensor) and labels.dim() == 2:
         return generate_edge(labels.unsqueeze(0), edge_width).squeeze(0)
     _check(labels, int(edge_width))
-    return _generate_edge_op(labels, int(edge_width))
+    return torch.ops.lipfast.generate_edge(labels, int(edge_width))
 
 
 def edge_weights(edge_labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
