@@ -359,7 +359,65 @@ def test_cuda_op_matches_reference():
     check(x.half(), y, atol=2e-2, rtol=2e-2)
     wt = torch.rand(19, device="cuda")
     check(x, y, atol=1e-5, rtol=1e-5, weight=wt, align_corners=False)
-    bad = y.clone()
-    bad[0, 0, 0] = 19
-    with pytest.raises(ValueError):
-        upsample_cross_entropy(x, bad)
+    # the device-side label check (torch._assert_async) poisons the CUDA context:
+    # checked in a child process, with no host sync per call before the error
+    code = (
+        "import torch, lipfast\n"
+        "from lipfast.losses import upsample_cross_entropy\n"
+        "x = torch.randn(2, 19, 31, 29, device='cuda')\n"
+        "y = torch.randint(0, 19, (2, 121, 117), device='cuda')\n"
+        "upsample_cross_entropy(x, y)\n"
+        "torch.cuda.synchronize()\n"
+        "torch.cuda.set_sync_debug_mode('error')\n"
+        "y[0, 0, 0] = 19\n"
+        "loss = upsample_cross_entropy(x, y)\n"
+        "torch.cuda.set_sync_debug_mode(0)\n"
+        "print('launched', flush=True)\n"
+        "loss.item()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "launched" in r.stdout, (r.stdout, r.stderr)
+    assert "assert" in r.stderr.lower(), r.stderr
+
+
+def test_triton_forward_label_check_without_sync():
+    """The CUDA path's label check: the Triton forward's flag goes to
+    torch._assert_async (no host sync on a GPU; on CPU tensors under the
+    interpreter it raises at once)."""
+    kernels = pytest.importorskip("lipfast.kernels.upsample_ce")
+    dev = _kernel_device()
+    x, y = make(2, 5, 7, 5, 25, 19, dtype=torch.float32)
+    x, y = x.to(dev), y.to(dev)
+    wt = torch.rand(5, device=dev) + 0.1
+    nll, lse, wsum = uce_mod._triton_forward(kernels, x, y, wt, IGN, True)
+    ref_nll, ref_lse, ref_wsum = torch.ops.lipfast.upsample_ce(x.cpu(), y.cpu(), wt.cpu(), IGN,
+                                                                True)
+    torch.testing.assert_close(nll.cpu(), ref_nll, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wsum.cpu(), ref_wsum, atol=1e-4, rtol=1e-6)
+    if dev == "cpu":
+        for v in (5, 200):
+            bad = y.clone()
+            bad[1, 3, 4] = v
+            with pytest.raises(RuntimeError, match=r"a label is outside \[0, 5\) and not "
+                                                   r"ignore_index=255"):
+                uce_mod._triton_forward(kernels, x, bad, wt, IGN, True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_double_backward_raises(weighted):
+    x, y = make(2, 4, 5, 6, 11, 9)
+    wt = torch.rand(4, dtype=torch.float64) + 0.1 if weighted else None
+    xr = x.clone().requires_grad_()
+    loss = upsample_cross_entropy(xr, y, weight=wt)
+    (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+    # the first derivative is still right under create_graph=True
+    xs = x.clone().requires_grad_()
+    (gs,) = torch.autograd.grad(reference(xs, y, weight=wt), xs)
+    torch.testing.assert_close(g.detach(), gs)
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match="upsample_ce_backward"):
+        torch.autograd.grad(g.square().sum(), xr)
+    # without create_graph the backward op builds no graph
+    (g2,) = torch.autograd.grad(upsample_cross_entropy(xr, y, weight=wt), xr)
+    assert not g2.requires_grad

@@ -65,10 +65,18 @@ Differences from the reference:
 
 - reduction='mean' with every pixel ignored (or every non-ignored pixel of
   weight 0) returns 0 with zero gradients; ``F.cross_entropy`` returns nan.
-- labels outside [0, C) other than ``ignore_index`` raise ValueError (CPU: found
-  by the forward kernel, reported with the first bad value; CUDA: the forward
-  kernel sets a device-side flag, read once after the launch -- one host sync --
-  and raises ValueError).
+- labels outside [0, C) other than ``ignore_index`` are an error. CPU: found by
+  the forward kernel, ValueError at once with the first bad value. CUDA (Triton
+  path): the forward kernel sets a one-element device flag that goes to
+  ``torch._assert_async`` -- no host synchronisation per call; a device-side
+  assert fires asynchronously and surfaces at the next synchronising call as a
+  CUDA "device-side assert triggered" error carrying the message
+  "upsample_cross_entropy: a label is outside [0, C) ...", after which the CUDA
+  context is unusable (as with any device-side assert). The PyTorch path on CUDA
+  (float64 or no Triton) checks on the host (one sync) and raises ValueError.
+- second derivatives are not implemented: differentiating through the backward
+  (``create_graph=True`` then a second backward) raises NotImplementedError
+  naming ``lipfast::upsample_ce_backward``.
 - the class weight gets no gradient (``F.cross_entropy`` does not give one either).
 """
 
@@ -86,6 +94,9 @@ from .. import _ext
 _TILE_ELEMS = 1 << 19
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+_BAD_LABEL_MSG = ("upsample_cross_entropy: a label is outside [0, {c}) and not "
+                  "ignore_index={ign}")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -269,9 +280,18 @@ def _upsample_ce_cuda(logits, labels, weight, ignore_index, align_corners):
     if kernels is None:
         _check_label_values(labels, logits.shape[1], ignore_index)
         return _torch_forward(logits, labels, weight, ignore_index, align_corners)
+    return _triton_forward(kernels, logits, labels, weight, ignore_index, align_corners)
+
+
+def _triton_forward(kernels, logits, labels, weight, ignore_index, align_corners):
+    """(nll, lse, wsum) from the Triton forward kernel. Its bad-label flag goes to
+    ``torch._assert_async``: no host sync; on a GPU a device-side assert fires
+    asynchronously (reported at the next synchronising call, CUDA error
+    "device-side assert triggered"; the CUDA context is unusable afterwards, as
+    with any device assert), on CPU tensors (the tests, under TRITON_INTERPRET=1)
+    it raises RuntimeError at once."""
     nll, lse, bad = kernels.forward(logits, labels, weight, ignore_index, align_corners)
-    if bool(bad.any()):  # device-side label check, one host sync
-        _check_label_values(labels, logits.shape[1], ignore_index)
+    torch._assert_async(bad[0] == 0, _BAD_LABEL_MSG.format(c=logits.shape[1], ign=ignore_index))
     _, _, wpix = _pixel_weights(labels, weight, ignore_index, nll.dtype)
     return nll, lse, wpix.sum()
 
@@ -316,6 +336,17 @@ def _backward(ctx, dnll, dlse, dwsum):
 
 
 torch.library.register_autograd("lipfast::upsample_ce", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad):
+    raise NotImplementedError(
+        "lipfast::upsample_ce_backward has no derivative: second derivatives (double backward) "
+        "of upsample_cross_entropy / edge_loss are not implemented")
+
+
+# Without a formula, autograd would silently treat the backward op as constant
+# under create_graph=True; with this one, differentiating through it raises.
+torch.library.register_autograd("lipfast::upsample_ce_backward", _no_double_backward)
 
 
 # ---------------------------------------------------------------------------
