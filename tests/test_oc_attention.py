@@ -274,7 +274,8 @@ def test_cuda_op_matches_reference(dtype):
 def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
     # The interpreter checks the kernels' logic; this checks they compile to a
     # cubin for real GPUs (Triton's ahead-of-time path, no GPU needed): the
-    # oc_attention kernels and those of lipfast.kernels.{edge, lovasz, upsample_ce}.
+    # oc_attention kernels and those of lipfast.kernels.{edge, lovasz, upsample_ce,
+    # confusion_matrix}.
     import os
     import subprocess
     import sys
@@ -297,6 +298,9 @@ def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
             assert any(f" {dtype} {name} " in ln for ln in lines), (dtype, name, res.stdout)
     for name in ("edge._edge_kernel", "lovasz._lovasz_grad_kernel"):  # dtype-independent
         assert any(f" {name} " in ln for ln in lines), (name, res.stdout)
+    for dtype in dtypes:  # confusion_matrix: float logits of every dtype (and int predictions)
+        assert any(f" {dtype} confusion_matrix._cm_kernel " in ln for ln in lines), (dtype,
+                                                                                      res.stdout)
 
 
 @pytest.mark.parametrize("regions", [0, 3])

@@ -5,7 +5,7 @@ bundled ptxas). Run as a script, never under TRITON_INTERPRET:
     python tests/triton_compile_check.py 90 bf16 fp16 fp32
 
 oc_attention's kernels use an explicit signature table. The kernels of
-lipfast.kernels.{edge, lovasz, upsample_ce} are compiled with the exact
+lipfast.kernels.{edge, lovasz, upsample_ce, confusion_matrix} are compiled with the exact
 signatures their launchers produce: each launcher is run on CPU tensors of the
 dtypes the GPU dispatch passes it (a small table of cases per kernel below), the
 kernel launch is intercepted, and the arguments are specialised by Triton's own
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
+from lipfast.kernels import confusion_matrix as KC  # noqa: E402
 from lipfast.kernels import edge as KE  # noqa: E402
 from lipfast.kernels import lovasz as KL  # noqa: E402
 from lipfast.kernels import oc_attention as K  # noqa: E402
@@ -89,7 +90,8 @@ def compile_dtype(arch: int, dtype: str, prec: str):
 # ------------------------------------------- kernels compiled as their launchers call them
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LAUNCHED = [KE._edge_kernel, KL._lovasz_grad_kernel, KU._fwd_kernel, KU._bwd_kernel]
+LAUNCHED = [KE._edge_kernel, KL._lovasz_grad_kernel, KU._fwd_kernel, KU._bwd_kernel,
+            KC._cm_kernel]
 
 
 def _edge_cases(dt):
@@ -134,7 +136,26 @@ def _upsample_ce_cases(dt):
             lambda: run(3, torch.int64, dt, channels_last=True, ignore=-100)
 
 
-CASES = [_edge_cases, _lovasz_cases, _upsample_ce_cases]
+def _confusion_matrix_cases(dt):
+    # lipfast.metrics.confusion_matrix's GPU path: logits in the float dtype (plain,
+    # channels_last with fused resize), integer predictions, large C (atomics)
+    def run(inp, lab, c, resize):
+        KC.confusion_matrix(inp, lab, c, 255, resize)
+
+    x = lambda c, h, w: torch.randn(2, c, h, w).to(dt)  # noqa: E731
+    lab = lambda c, h, w, ldt: torch.randint(0, c, (2, h, w)).to(ldt)  # noqa: E731
+    yield "C=20 logits, uint8 labels", lambda: run(x(20, 33, 33), lab(20, 33, 33, torch.uint8),
+                                                   20, False)
+    yield "C=20 logits 8x8 -> 33x33 channels_last, int64 labels", lambda: run(
+        x(20, 8, 8).contiguous(memory_format=torch.channels_last),
+        lab(20, 33, 33, torch.int64), 20, True)
+    yield "C=150 logits (per-pixel atomics)", lambda: run(x(150, 9, 9),
+                                                          lab(150, 9, 9, torch.uint8), 150, False)
+    yield "C=20 int64 predictions, uint8 labels", lambda: run(
+        lab(20, 33, 33, torch.int64), lab(20, 33, 33, torch.uint8), 20, False)
+
+
+CASES = [_edge_cases, _lovasz_cases, _upsample_ce_cases, _confusion_matrix_cases]
 
 
 def capture(launch):
