@@ -56,10 +56,11 @@ step ceilings python benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json"
 step bench_attn python benchmarks/attn.py --full --dtype both --json "$OUT/attn.json"
 step bench_abn python benchmarks/abn.py --full --json "$OUT/abn.json"
 step bench_abn_bf16 python benchmarks/abn.py --full --dtype bf16 --json "$OUT/abn-bf16.json"
-for b in loss miou train_step; do
-  if [ -f "benchmarks/$b.py" ]; then step "bench_$b" python "benchmarks/$b.py" --full --json "$OUT/$b.json"; fi
-done
+step bench_loss python benchmarks/loss.py --full --json "$OUT/loss.json"
+step bench_miou python benchmarks/miou.py --json "$OUT/miou.json"
+step bench_train_step python benchmarks/train_step.py --max-batch --json "$OUT/train_step.json"
 if command -v compute-sanitizer > /dev/null; then
-  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/test_abn.py -q -k cuda
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m cuda \
+    tests/test_abn.py tests/test_upsample_ce.py tests/test_edge.py tests/test_lovasz.py tests/test_metrics.py
 fi
 echo "== done: $OUT"; cat "$status"

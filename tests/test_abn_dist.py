@@ -23,17 +23,11 @@ requires; a hang fails after the process-group timeout or the join deadline.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_harness import spawn
 
 from lipfast import InPlaceABN, InPlaceABNSync
 
@@ -43,8 +37,6 @@ C = 3
 SPATIAL_4D = (5, 7)  # odd H, W
 ACTIVATIONS = (("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.01))
 TOL = dict(rtol=1e-10, atol=1e-10)
-PG_TIMEOUT_S = 60  # collectives of a stuck rank fail after this
-JOIN_DEADLINE_S = 150  # the parent gives up (and kills the ranks) after this
 LR = 0.1  # SGD step between the two training steps of the two-step checks
 
 # Per world size: (per-rank batch sizes, spatial shape) of the training cases.
@@ -58,17 +50,6 @@ CASES = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _loopback_ifname() -> str | None:
-    try:
-        names = sorted(os.listdir("/sys/class/net"))
-    except OSError:
-        return None
-    for name in names:
-        if name == "lo" or name.startswith("lo"):
-            return name
-    return None
 
 
 def _act(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
@@ -310,51 +291,8 @@ def _scenario_too_few(rank: int, world: int) -> list[str]:
 _SCENARIOS = {"training": _scenario_training, "too_few": _scenario_too_few}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
-    ifname = _loopback_ifname()
-    if ifname is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = ifname  # loopback only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    report = {"rank": rank, "ok": False, "checks": []}
-    try:
-        report["checks"] = _SCENARIOS[scenario](rank, world)
-        report["ok"] = True
-    except BaseException:
-        report["error"] = traceback.format_exc()
-        raise
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-        dist.destroy_process_group()
-
-
 def _spawn(tmp_path, world: int, scenario: str) -> list[dict]:
-    out_dir = tmp_path / f"{scenario}-{world}"
-    out_dir.mkdir()
-    init_file = str(tmp_path / f"store-{scenario}-{world}")
-    ctx = mp.start_processes(_worker, args=(world, init_file, str(out_dir), scenario),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_DEADLINE_S
-    # join() re-raises a rank's exception (with its traceback) and kills the others
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"{scenario} with {world} ranks did not finish in {JOIN_DEADLINE_S} s")
-    reports = []
-    for rank in range(world):
-        path = out_dir / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report"
-        report = json.loads(path.read_text())
-        assert report["ok"], f"rank {rank} failed:\n{report.get('error')}"
-        reports.append(report)
-    return reports
+    return spawn(_SCENARIOS[scenario], world, tmp_path, scenario)
 
 
 # --------------------------------------------------------------------------- tests

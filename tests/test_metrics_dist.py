@@ -19,37 +19,17 @@ deadline.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import time
-import traceback
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_harness import spawn
 
 pytestmark = pytest.mark.slow
 
 C = 7
-PG_TIMEOUT_S = 60
-JOIN_DEADLINE_S = 150
 # images per rank (one rank without any image)
 SIZES = {2: (3, 0), 3: (2, 0, 5)}
-
-
-def _loopback_ifname():
-    try:
-        names = sorted(os.listdir("/sys/class/net"))
-    except OSError:
-        return None
-    for name in names:
-        if name.startswith("lo"):
-            return name
-    return None
 
 
 def _dataset(n: int):
@@ -127,45 +107,7 @@ def _scenario(rank: int, world: int) -> list[str]:
     return done
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    ifname = _loopback_ifname()
-    if ifname is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = ifname
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    report = {"rank": rank, "ok": False, "checks": []}
-    try:
-        report["checks"] = _scenario(rank, world)
-        report["ok"] = True
-    except BaseException:
-        report["error"] = traceback.format_exc()
-        raise
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_reduce_equals_single_process(tmp_path, world):
-    out_dir = tmp_path / f"out-{world}"
-    out_dir.mkdir()
-    init_file = str(tmp_path / f"store-{world}")
-    ctx = mp.start_processes(_worker, args=(world, init_file, str(out_dir)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_DEADLINE_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"{world} ranks did not finish in {JOIN_DEADLINE_S} s")
-    for rank in range(world):
-        path = out_dir / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report"
-        report = json.loads(path.read_text())
-        assert report["ok"], f"rank {rank} failed:\n{report.get('error')}"
+    for report in spawn(_scenario, world, tmp_path, "reduce"):
         assert len(report["checks"]) == 3, report
