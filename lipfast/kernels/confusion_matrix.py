@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bilinear import load_taps
+
 BIG = tl.constexpr(1 << 30)
 HIST_MAX = 4096  # largest per-program histogram (bins); larger C*C: per-pixel atomics
 
@@ -74,12 +76,7 @@ def _cm_kernel(X, LAB, CM, BAD, RI0, RI1, RA, CJ0, CJ1, CB,
         else:
             bo = b * x_sb
             if MODE == 2:
-                i0 = tl.load(RI0 + y, mask=mp, other=0).to(tl.int64)
-                i1 = tl.load(RI1 + y, mask=mp, other=0).to(tl.int64)
-                a = tl.load(RA + y, mask=mp, other=0.0).to(ACC)
-                j0 = tl.load(CJ0 + x, mask=mp, other=0).to(tl.int64)
-                j1 = tl.load(CJ1 + x, mask=mp, other=0).to(tl.int64)
-                bb = tl.load(CB + x, mask=mp, other=0.0).to(ACC)
+                i0, i1, a, j0, j1, bb = load_taps(RI0, RI1, RA, CJ0, CJ1, CB, y, x, mp, ACC)
                 p00 = bo + i0 * x_sh + j0 * x_sw
                 p01 = bo + i0 * x_sh + j1 * x_sw
                 p10 = bo + i1 * x_sh + j0 * x_sw

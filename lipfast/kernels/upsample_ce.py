@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bilinear import load_taps
+
 
 def _acc_torch(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -82,12 +84,7 @@ def _fwd_kernel(X, LAB, WT, NLL, LSE, BAD,
     mp = offs < HH * WW
     y = offs // WW
     x = offs % WW
-    i0 = tl.load(RI0 + y, mask=mp, other=0).to(tl.int64)
-    i1 = tl.load(RI1 + y, mask=mp, other=0).to(tl.int64)
-    a = tl.load(RA + y, mask=mp, other=0.0).to(ACC)
-    j0 = tl.load(CJ0 + x, mask=mp, other=0).to(tl.int64)
-    j1 = tl.load(CJ1 + x, mask=mp, other=0).to(tl.int64)
-    bb = tl.load(CB + x, mask=mp, other=0.0).to(ACC)
+    i0, i1, a, j0, j1, bb = load_taps(RI0, RI1, RA, CJ0, CJ1, CB, y, x, mp, ACC)
     lab = tl.load(LAB + b * l_sb + y * l_sh + x * l_sw, mask=mp, other=IGNORE).to(tl.int32)
     valid = mp & (lab != IGNORE)
     bad = valid & ((lab < 0) | (lab >= C))
