@@ -1,0 +1,446 @@
+"""lipfast.patch: swapping lipfast's layers into models built with the originals'
+structure. The "original" classes below are written here from the SPEC (sections
+1 and 2): mapillary-style In-Place ABN (|w| + eps), the vendored pure-PyTorch
+copy of SCHP (plain w, ``slope``), mapillary's ABN, and OCNet's OC modules with
+their eager attention (materialised similarity map, loop over pyramid regions).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lipfast
+from lipfast.patch import PatchReport
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group.*")
+        warnings.filterwarnings("ignore", message=".*distributed.*")
+        yield
+
+
+# ----------------------------------------------------------------- original norms
+def _act(z, act, param):
+    if act == "leaky_relu":
+        return F.leaky_relu(z, param)
+    if act == "elu":
+        return F.elu(z, param)
+    if act == "relu":
+        return F.relu(z)
+    return z
+
+
+class _MapillaryBase(nn.Module):
+    """mapillary inplace_abn 1.x attributes; ``_abs`` picks the in-place classes'
+    |w| + eps scaling."""
+
+    _abs = True
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 activation="leaky_relu", activation_param=0.01):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.momentum, self.affine = momentum, affine
+        self.activation, self.activation_param = activation, activation_param
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x):
+        w = self.weight.abs() + self.eps if self._abs else self.weight
+        z = F.batch_norm(x, self.running_mean, self.running_var, w, self.bias, self.training,
+                         self.momentum, self.eps)
+        return _act(z, self.activation, self.activation_param)
+
+
+class InPlaceABN(_MapillaryBase):  # mapillary's name
+    pass
+
+
+class InPlaceABNSync(_MapillaryBase):
+    pass
+
+
+class ABN(_MapillaryBase):
+    _abs = False
+
+
+def _schp_vendored():
+    class InPlaceABNSync(nn.Module):  # SCHP's pure-PyTorch copy: slope, no counter, plain w
+        def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                     activation="leaky_relu", slope=0.01):
+            super().__init__()
+            self.num_features, self.affine, self.eps, self.momentum = (num_features, affine,
+                                                                       eps, momentum)
+            self.activation, self.slope = activation, slope
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+
+        def forward(self, x):
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.training, self.momentum, self.eps)
+            if self.activation == "leaky_relu":
+                return F.leaky_relu(x, self.slope, inplace=True)
+            if self.activation == "elu":
+                return F.elu(x, inplace=True)
+            return x
+
+    return InPlaceABNSync
+
+
+VendoredSync = _schp_vendored()
+
+
+# ----------------------------------------------------------------- OCNet modules
+def _eager_attention(q, v, key_channels):
+    """q: B x Ck x N (query == key), v: B x Cv x N -> B x Cv x N."""
+    sim = torch.softmax(torch.matmul(q.transpose(1, 2), q) * key_channels ** -0.5, dim=-1)
+    return torch.matmul(sim, v.transpose(1, 2)).transpose(1, 2)
+
+
+class SelfAttentionBlock2D(nn.Module):
+    def __init__(self, in_channels, key_channels, value_channels, out_channels=None, scale=1,
+                 norm=InPlaceABNSync, share=True):
+        super().__init__()
+        self.scale, self.in_channels = scale, in_channels
+        self.out_channels = out_channels or in_channels
+        self.key_channels, self.value_channels = key_channels, value_channels
+        self.pool = nn.MaxPool2d(kernel_size=(scale, scale))
+        self.f_key = nn.Sequential(nn.Conv2d(in_channels, key_channels, 1), norm(key_channels))
+        self.f_query = self.f_key if share else nn.Sequential(
+            nn.Conv2d(in_channels, key_channels, 1), norm(key_channels))
+        self.f_value = nn.Conv2d(in_channels, value_channels, 1)
+        self.W = nn.Conv2d(value_channels, self.out_channels, 1)
+        nn.init.zeros_(self.W.weight)
+        nn.init.zeros_(self.W.bias)
+
+    def forward(self, x):
+        b, h, w = x.size(0), x.size(2), x.size(3)
+        if self.scale > 1:
+            x = self.pool(x)
+        hp, wp = x.shape[2:]
+        v = self.f_value(x).reshape(b, self.value_channels, -1)
+        q = self.f_query(x).reshape(b, self.key_channels, -1)
+        k = self.f_key(x).reshape(b, self.key_channels, -1)
+        sim = torch.softmax(torch.matmul(q.transpose(1, 2), k) * self.key_channels ** -0.5, -1)
+        ctx = torch.matmul(sim, v.transpose(1, 2)).transpose(1, 2).reshape(
+            b, self.value_channels, hp, wp)
+        ctx = self.W(ctx)
+        if self.scale > 1:
+            ctx = F.interpolate(ctx, size=(h, w), mode="bilinear", align_corners=True)
+        return ctx
+
+
+class PyramidSelfAttentionBlock2D(SelfAttentionBlock2D):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.pool
+
+    def forward(self, x):
+        b, h, w = x.size(0), x.size(2), x.size(3)
+        v, q = self.f_value(x), self.f_query(x)
+        s = self.scale
+        sh, sw = h // s, w // s
+        out = torch.zeros(b, self.value_channels, h, w, dtype=x.dtype, device=x.device)
+        for i in range(s):
+            r0, r1 = i * sh, (h if i == s - 1 else (i + 1) * sh)
+            for j in range(s):
+                c0, c1 = j * sw, (w if j == s - 1 else (j + 1) * sw)
+                qq = q[:, :, r0:r1, c0:c1].reshape(b, self.key_channels, -1)
+                vv = v[:, :, r0:r1, c0:c1].reshape(b, self.value_channels, -1)
+                out[:, :, r0:r1, c0:c1] = _eager_attention(qq, vv, self.key_channels).reshape(
+                    b, self.value_channels, r1 - r0, c1 - c0)
+        return self.W(out)
+
+
+class BaseOC_Module(nn.Module):  # noqa: N801 - OCNet's name
+    def __init__(self, in_channels, out_channels, key_channels, value_channels, dropout,
+                 sizes=(1,), norm=InPlaceABNSync):
+        super().__init__()
+        self.stages = nn.ModuleList([SelfAttentionBlock2D(
+            in_channels, key_channels, value_channels, out_channels, s, norm=norm)
+            for s in sizes])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(2 * in_channels, out_channels, 1),
+                                             norm(out_channels), nn.Dropout2d(dropout))
+
+    def forward(self, feats):
+        ctx = sum(stage(feats) for stage in self.stages)
+        return self.conv_bn_dropout(torch.cat([ctx, feats], 1))
+
+
+class BaseOC_Context_Module(BaseOC_Module):  # noqa: N801
+    def __init__(self, in_channels, out_channels, key_channels, value_channels, dropout,
+                 sizes=(1,), norm=InPlaceABNSync):
+        super().__init__(in_channels, out_channels, key_channels, value_channels, dropout,
+                         sizes, norm)
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1),
+                                             norm(out_channels))
+
+    def forward(self, feats):
+        return self.conv_bn_dropout(sum(stage(feats) for stage in self.stages))
+
+
+class Pyramid_OC_Module(nn.Module):  # noqa: N801
+    def __init__(self, in_channels, out_channels, dropout, sizes=(1,), norm=InPlaceABNSync):
+        super().__init__()
+        g = len(sizes)
+        self.group = g
+        self.stages = nn.ModuleList([PyramidSelfAttentionBlock2D(
+            in_channels, in_channels // 2, in_channels, out_channels, s, norm=norm)
+            for s in sizes])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(2 * in_channels * g, out_channels, 1),
+                                             norm(out_channels), nn.Dropout2d(dropout))
+        self.up_dr = nn.Sequential(nn.Conv2d(in_channels, in_channels * g, 1),
+                                   norm(in_channels * g))
+
+    def forward(self, feats):
+        priors = [self.up_dr(feats)] + [stage(feats) for stage in self.stages]
+        return self.conv_bn_dropout(torch.cat(priors, 1))
+
+
+class ASP_OC_Module(nn.Module):  # noqa: N801
+    def __init__(self, features, out_features=8, dilations=(2, 3, 4), norm=InPlaceABNSync,
+                 legacy=False):
+        super().__init__()
+        o = out_features
+        self.context = nn.Sequential(
+            nn.Conv2d(features, o, 3, padding=1), norm(o),
+            BaseOC_Context_Module(o, o, o // 2, o, 0, [2], norm=norm))
+        self.conv2 = nn.Sequential(nn.Conv2d(features, o, 1, bias=False), norm(o))
+        for name, d in zip(("conv3", "conv4", "conv5"), dilations):
+            setattr(self, name, nn.Sequential(
+                nn.Conv2d(features, o, 3, padding=d, dilation=d, bias=False), norm(o)))
+        h = o if legacy else 2 * o
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(5 * o, h, 1, bias=False), norm(h),
+                                             nn.Dropout2d(0.1))
+
+    def forward(self, x):
+        return self.conv_bn_dropout(torch.cat(
+            [self.context(x), self.conv2(x), self.conv3(x), self.conv4(x), self.conv5(x)], 1))
+
+
+class Mystery(nn.Module):
+    """Unknown to lipfast: must be left alone."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gn = nn.GroupNorm(2, c)
+
+    def forward(self, x):
+        return self.gn(x) * 0.5
+
+
+class Net(nn.Module):
+    """An OCNet/CE2P-like network mixing every kind of candidate."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.LeakyReLU(0.2))
+        self.lone_bn = nn.BatchNorm2d(c)
+        self.vendored = nn.Sequential(nn.Conv2d(c, c, 1), VendoredSync(c),
+                                      nn.Conv2d(c, c, 1), VendoredSync(c, activation="none"))
+        self.mapillary = nn.Sequential(nn.Conv2d(c, c, 1), InPlaceABN(c),
+                                       nn.Conv2d(c, c, 1), ABN(c, activation="elu",
+                                                               activation_param=0.7))
+        self.asp = ASP_OC_Module(c, 4, norm=InPlaceABNSync)
+        self.base = BaseOC_Module(c, c, 4, 6, 0.05, [1, 2], norm=VendoredSync)
+        self.pyramid = Pyramid_OC_Module(c, c, 0.05, [1, 2, 3], norm=InPlaceABNSync)
+        self.mystery = Mystery(c)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.lone_bn(x)
+        x = self.vendored(x)
+        x = self.mapillary(x)
+        x = self.asp(x)
+        x = self.base(x)
+        x = self.pyramid(x)
+        return self.head(self.mystery(x))
+
+
+def _randomise(model, seed=0):
+    """Trained-looking parameters and statistics: random signs on the norm weights,
+    non-zero W projections."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+            elif t.dim() == 1:
+                t.copy_(torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+    return model
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return _randomise(Net()).double()
+
+
+X = None
+
+
+def _x(seed=1):
+    return torch.randn(2, 3, 13, 14, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------- tests
+def test_patch_swaps_everything_and_outputs_match_eval():
+    model = _net().eval()
+    x = _x()
+    with torch.no_grad():
+        want = model(x)
+    before_params = {n: p for n, p in model.named_parameters()}
+    before_keys = {k: v.clone() for k, v in model.state_dict().items()}
+    report = lipfast.patch(model)
+    assert isinstance(report, PatchReport) and report.model is model
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # The very same parameter objects.
+    for n, p in model.named_parameters():
+        assert p is before_params[n], n
+    # What went where.
+    assert isinstance(model.stem[1], lipfast.ABN) and model.stem[1].activation == "relu"
+    assert isinstance(model.stem[2], nn.Identity)
+    assert model.stem[4].activation == "leaky_relu" and model.stem[4].activation_param == 0.2
+    assert type(model.lone_bn) is nn.BatchNorm2d
+    # SCHP's vendored copy computes with plain w -> out-of-place ABN; mapillary's
+    # in-place classes use |w| + eps -> lipfast's in-place classes.
+    assert type(model.vendored[1]) is lipfast.ABN and model.vendored[3].activation == "identity"
+    assert type(model.mapillary[1]) is lipfast.InPlaceABN
+    assert type(model.mapillary[3]) is lipfast.ABN and model.mapillary[3].activation == "elu"
+    assert type(model.asp) is lipfast.ASPOCModule
+    assert type(model.asp.context[2]) is lipfast.BaseOCContextModule
+    assert type(model.asp.context[1]) is lipfast.InPlaceABNSync
+    assert type(model.base) is lipfast.BaseOCModule
+    assert type(model.base.stages[1]) is lipfast.SelfAttentionBlock2D
+    assert model.base.stages[1].f_query is model.base.stages[1].f_key
+    assert type(model.pyramid) is lipfast.PyramidOCModule
+    assert type(model.mystery) is Mystery and type(model.mystery.gn) is nn.GroupNorm
+    # Report.
+    text = str(report)
+    assert "lone_bn" in text and "not followed by ReLU/LeakyReLU" in text
+    assert "asp -> " not in text and "swapped asp: ASP_OC_Module -> ASPOCModule" in text
+    swapped = {n for n, _, _ in report.swapped}
+    assert {"stem.1", "stem.4", "vendored.1", "vendored.3", "mapillary.1", "mapillary.3",
+            "asp", "asp.context.2", "base", "pyramid", "pyramid.stages.2"} <= swapped
+    assert not any(n.startswith("mystery") for n in swapped)
+    # Same state_dict keys and values.
+    after = model.state_dict()
+    assert list(after) == list(before_keys)
+    for k, v in before_keys.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_state_dict_round_trip_both_ways():
+    original = _net(seed=3)
+    patched = lipfast.patch(copy.deepcopy(original)).model
+    fresh_patched = lipfast.patch(_net(seed=4)).model
+    fresh_patched.load_state_dict(original.state_dict())        # strict
+    fresh_original = _net(seed=5)
+    fresh_original.load_state_dict(patched.state_dict())        # strict, no extra counters
+    x = _x(2)
+    with torch.no_grad():
+        ref = original.eval()(x)
+        torch.testing.assert_close(fresh_patched.eval()(x), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fresh_original.eval()(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_second_patch_is_a_no_op_and_inplace_false_copies():
+    model = _net()
+    copy_report = lipfast.patch(model, inplace=False)
+    assert copy_report.model is not model
+    assert isinstance(model.asp, ASP_OC_Module) and isinstance(model.vendored[1], VendoredSync)
+    patched = copy_report.model
+    x = _x(4)
+    with torch.no_grad():
+        torch.testing.assert_close(patched.eval()(x), model.eval()(x), rtol=1e-10, atol=1e-10)
+    again = lipfast.patch(patched)
+    assert again.swapped == []
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_training_outputs_and_gradients_match():
+    ref = _net(seed=7).train()
+    fast = lipfast.patch(copy.deepcopy(ref)).model.train()
+    x = _x(5)
+    grads = []
+    for m in (ref, fast):
+        torch.manual_seed(11)   # same dropout masks
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-8, atol=1e-8)
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-7, atol=1e-8, msg=n)
+
+
+def test_flags_select_what_is_swapped():
+    model = _net()
+    rep = lipfast.patch(model, norms=False)
+    assert type(model.asp) is lipfast.ASPOCModule
+    assert isinstance(model.asp.conv2[1], InPlaceABNSync) and isinstance(model.stem[1],
+                                                                         nn.BatchNorm2d)
+    model = _net()
+    rep = lipfast.patch(model, context=False)
+    assert isinstance(model.asp, ASP_OC_Module) and type(model.asp.conv2[1]) is (
+        lipfast.InPlaceABNSync)
+    assert rep.counts()
+
+
+def test_non_ocnet_attention_left_alone():
+    blk = SelfAttentionBlock2D(6, 3, 4, share=False).double()
+    holder = nn.Sequential(blk)
+    rep = lipfast.patch(holder, norms=False)
+    assert holder[0] is blk
+    assert any("f_query is not the same module" in why for _, _, why in rep.left)
+
+
+def test_oc_module_with_different_math_is_left_alone():
+    class SelfAttentionBlock2D_(SelfAttentionBlock2D):   # noqa: N801
+        def forward(self, x):   # not OCNet's: no key scaling
+            return super().forward(x) * 2
+
+    SelfAttentionBlock2D_.__name__ = "SelfAttentionBlock2D"
+    blk = _randomise(SelfAttentionBlock2D_(6, 3, 4)).double()
+    holder = nn.Sequential(blk)
+    rep = lipfast.patch(holder)
+    assert isinstance(holder[0], SelfAttentionBlock2D_)
+    assert any("different outputs" in why for _, _, why in rep.left)
+
+
+def test_root_module_and_bad_input():
+    norm = _randomise(InPlaceABN(5)).double()
+    rep = lipfast.patch(norm)
+    assert rep.model is norm and rep.swapped == [] and "root module" in str(rep)
+    rep = lipfast.patch(norm, inplace=False)
+    assert type(rep.model) is lipfast.InPlaceABN
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rep.model.eval()(x.clone()), norm.eval()(x.clone()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        lipfast.patch("model")
