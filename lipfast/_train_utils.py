@@ -1,0 +1,358 @@
+"""Helpers shared by ``lipfast.train`` and ``lipfast.evaluate``: atomic
+checkpoints, RNG state capture, SCHP's learning-rate schedule, the
+deterministic sharded sampler, self-correction (parameter averaging and BN
+re-estimation), model construction from stored hyper-parameters, a progress
+bar and the SIGINT/SIGTERM stop flag."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = "lipfast-train-1"
+MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
+
+
+# ----------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same folder,
+    flushed to disk and renamed over ``path`` with ``os.replace``: ``path``
+    holds either the old or the new checkpoint, never a partial one, whatever
+    interrupts the write (the temporary file is removed on errors)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_training_checkpoint(path) -> dict:
+    """A checkpoint written by ``lipfast.train`` (``weights_only=True``), checked."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised naming the file
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "hparams" not in ckpt:
+        raise ValueError(f"{path} is not a lipfast.train checkpoint (no 'model'/'hparams'); "
+                         "plain state_dicts load with lipfast.models.load_checkpoint")
+    return ckpt
+
+
+def model_hparams(model) -> dict:
+    return {"num_classes": int(model.num_classes), "context": str(model.context),
+            "output_stride": int(model.output_stride), "layers": [int(v) for v in model.layers],
+            "width_mult": float(model.width_mult), "norm": str(model.norm)}
+
+
+def build_model(hparams: dict, norm: str | None = None):
+    """A :class:`lipfast.models.CE2P` from stored hyper-parameters; ``norm``
+    overrides the stored norm (e.g. ``inplace_abn`` for single-process use of a
+    model trained with ``inplace_abn_sync``: same keys and numerics)."""
+    from lipfast.models import CE2P
+
+    missing = [k for k in MODEL_HPARAMS if k not in hparams]
+    if missing:
+        raise ValueError(f"checkpoint hyper-parameters lack {missing}")
+    return CE2P(num_classes=int(hparams["num_classes"]), context=str(hparams["context"]),
+                output_stride=int(hparams["output_stride"]),
+                norm=norm or str(hparams["norm"]),
+                layers=tuple(int(v) for v in hparams["layers"]),
+                width_mult=float(hparams["width_mult"]))
+
+
+def eval_norm(norm: str) -> str:
+    """The single-process norm equivalent to a training norm."""
+    return "inplace_abn" if norm == "inplace_abn_sync" else norm
+
+
+# ----------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states, in a form that
+    ``torch.load(weights_only=True)`` reads (tensors, ints, floats, lists)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64),
+                   "gauss": py[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+# ----------------------------------------------------------------- schedule
+
+class SCHPSchedule:
+    """SCHP's ``SGDRScheduler`` evaluated per iteration at the fractional epoch
+    ``e = iteration / iters_per_epoch`` (SCHP steps it once per epoch):
+
+    - ``e < warmup``: linear from ``eta_min`` to ``base_lr``;
+    - ``e < cycle_start``: cosine from ``base_lr`` down to ``eta_min`` at ``cycle_start``;
+    - after: restarts every ``cycle_epochs``, cosine from ``cyclical_base_lr`` to ``eta_min``.
+
+    SCHP's values: ``eta_min = base_lr / 100``, ``cyclical_base_lr = base_lr / 2``,
+    warm-up 10 epochs, ``cycle_start`` = the self-correction start (= ``epochs``
+    without cycles).
+    """
+
+    def __init__(self, optimizer, base_lr: float, iters_per_epoch: int, epochs: int,
+                 warmup_epochs: float = 10, cycle_start: float | None = None,
+                 cycle_epochs: float = 10, eta_min: float | None = None,
+                 cyclical_base_lr: float | None = None):
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.epochs = float(epochs)
+        self.cycle_start = float(epochs if cycle_start is None else cycle_start)
+        self.warmup = min(float(warmup_epochs), self.cycle_start)
+        self.cycle_epochs = float(cycle_epochs)
+        self.eta_min = self.base_lr / 100 if eta_min is None else float(eta_min)
+        self.cyclical_base_lr = self.base_lr / 2 if cyclical_base_lr is None else float(
+            cyclical_base_lr)
+        self.last_iter = 0
+        self._apply()
+
+    def lr_at(self, iteration: int) -> float:
+        e = iteration / self.iters_per_epoch
+        lo = self.eta_min
+        if e < self.warmup:
+            return lo + e * (self.base_lr - lo) / self.warmup
+        if e < self.cycle_start:
+            span = self.cycle_start - self.warmup
+            return lo + (self.base_lr - lo) * (1 + math.cos(math.pi * (e - self.warmup) / span)) / 2
+        phase = ((e - self.cycle_start) % self.cycle_epochs) / self.cycle_epochs
+        return lo + (self.cyclical_base_lr - lo) * (1 + math.cos(math.pi * phase)) / 2
+
+    def get_last_lr(self) -> float:
+        return self.lr_at(self.last_iter)
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.last_iter)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def step(self) -> None:
+        self.last_iter += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"last_iter": self.last_iter}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_iter = int(state["last_iter"])
+        self._apply()
+
+
+# ----------------------------------------------------------------- sampler
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Deterministic shuffled sampler for ``world`` ranks: epoch ``e``'s order
+    is ``randperm(n)`` from a generator seeded with ``seed + e``, cut to a
+    multiple of ``world * batch_size`` (drop_last), rank ``r`` takes every
+    ``world``-th index from ``r``. ``set_epoch(e, skip_batches=k)`` starts
+    after the first k batches of the epoch (exact mid-epoch resume)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        self.n, self.batch_size, self.rank, self.world = int(n), int(batch_size), rank, world
+        self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.epoch, self.skip = 0, 0
+        self.batches = self.n // (self.world * self.batch_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip_batches)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order = order[:self.batches * self.world * self.batch_size]
+        mine = order[self.rank::self.world]
+        return iter(mine[self.skip * self.batch_size:])
+
+    def __len__(self) -> int:
+        return max(0, self.batches - self.skip) * self.batch_size
+
+
+# ----------------------------------------------------------------- self-correction
+
+def _norm_layers(model):
+    return [m for m in model.modules()
+            if getattr(m, "running_mean", None) is not None and hasattr(m, "momentum")
+            and hasattr(m, "reset_running_stats")]
+
+
+@torch.no_grad()
+def moving_average(target, source, alpha: float) -> None:
+    """SCHP's ``moving_average``: every parameter of ``target`` becomes
+    ``(1 - alpha) * target + alpha * source`` (buffers untouched; alpha =
+    1 / (cycle + 1) gives the cumulative average of the snapshots)."""
+    for pt, ps in zip(target.parameters(), source.parameters()):
+        pt.mul_(1.0 - alpha).add_(ps.detach().to(pt.dtype), alpha=alpha)
+
+
+@torch.no_grad()
+def bn_re_estimate(model, batches, autocast=None) -> int:
+    """SCHP's ``bn_re_estimate``: resets the running statistics of every norm
+    layer and recomputes them in training mode over ``batches`` (an iterable of
+    image tensors on the model's device), as the size-weighted average of the
+    batch statistics (momentum ``b / (n + b)``). Returns the number of images."""
+    norms = _norm_layers(model)
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+    model.train()
+    n = 0
+    try:
+        for images in batches:
+            b = images.shape[0]
+            for m in norms:
+                m.momentum = b / (n + b)
+            if autocast is not None:
+                with autocast():
+                    model(images)
+            else:
+                model(images)
+            n += b
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        model.train(was_training)
+    return n
+
+
+# ----------------------------------------------------------------- distributed
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+# ----------------------------------------------------------------- progress / stop
+
+class Progress:
+    """A one-line progress bar on terminals (``\\r``), a plain line every
+    ``every`` steps otherwise (logs, CI)."""
+
+    def __init__(self, total: int, prefix: str = "", every: int = 20, stream=None,
+                 enabled: bool = True):
+        self.total, self.prefix, self.every = max(1, int(total)), prefix, max(1, int(every))
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.done0 = None
+
+    def update(self, done: int, info: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.done0 is None:
+            self.done0 = done - 1
+        if not self.tty and done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.done0) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        width = 24
+        fill = int(width * done / self.total)
+        bar = "#" * fill + "." * (width - fill)
+        line = (f"{self.prefix} [{bar}] {done}/{self.total} {info} "
+                f"{rate:.2f} it/s eta {int(eta) // 60:d}:{int(eta) % 60:02d}")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set ``requested`` (the loop stops at the next iteration
+    boundary and saves); a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write(f"\nlipfast.train: got {signal.Signals(signum).name}, stopping after "
+                         "this iteration (Ctrl-C again to abort without saving)\n")
+        sys.stderr.flush()
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
+
+
+def ignore_sigint_in_worker(_worker_id: int) -> None:
+    """``worker_init_fn`` for DataLoaders: Ctrl-C reaches the whole process group;
+    workers ignore it so the main process can stop cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

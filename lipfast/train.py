@@ -1,0 +1,600 @@
+"""Train a CE2P / SCHP parsing model on a LIP-layout data set (SPEC sections 3, 5, 6).
+
+Single process::
+
+    python -m lipfast.train --data ROOT [--context asp_oc] [--epochs 150] [--out runs/x]
+
+Several processes (DDP; gloo on CPU, NCCL on GPU; one process per GPU)::
+
+    torchrun --nproc_per_node=K -m lipfast.train --data ROOT ...
+
+What it does, as SCHP's ``train.py``:
+
+- Model: :class:`lipfast.models.CE2P` (``--context``, ``--output-stride``,
+  ``--layers``, ``--width-mult``; ``--norm`` defaults to ``inplace_abn_sync``
+  under DDP, so the norms' statistics are synchronised across ranks, and to
+  ``inplace_abn`` in one process). ``--imagenet PATH`` initialises the backbone.
+- Data: :class:`lipfast.data.LIPDataset` with SCHP's augmentation; each rank
+  reads its shard of a shuffled order (``seed + epoch``; drop_last), edge labels
+  are computed on the device with :func:`lipfast.losses.generate_edge`.
+- Loss: :class:`lipfast.losses.SCHPCriterion` on the float32 outputs.
+- Optimiser: SGD (momentum 0.9, weight decay 5e-4, ``--lr`` 7e-3), learning rate
+  by SCHP's schedule (linear warm-up, cosine, cyclical cosine restarts during
+  self-correction) evaluated per iteration (SCHP steps it per epoch).
+- AMP on CUDA (``--amp bf16`` default where supported, ``fp16`` with a gradient
+  scaler, ``off``); CPU runs float32.
+- Self-correction (``--cycles N --cycle-epochs K``): starts at epoch
+  ``epochs - N*K``; at the end of that epoch and every K epochs after it the
+  parameters are averaged into the SCHP model (cumulative moving average,
+  alpha = 1 / (cycle + 1)), the SCHP model's norm statistics are re-estimated on
+  the training data (``--bn-batches`` limits the batches), and from then on its
+  fusion and edge logits (eval mode, no gradient) are the soft targets of the
+  criterion with ``cycle_n``.
+- Output in ``--out``: ``checkpoint.pth`` (written atomically at the end of every
+  epoch and when stopping), ``metrics.csv`` (epoch, iters, loss, lr, val_miou,
+  seconds; val_miou when ``--val-every`` runs validation), ``curves.png`` (loss
+  and mIoU per epoch; skipped with one log line without matplotlib) and
+  ``train.log``-style progress lines on stdout.
+
+Checkpoint (``torch.load(weights_only=True)`` reads it): ``model``,
+``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``iter_in_epoch`` (the
+position: batches of ``epoch`` already done), ``iteration`` (global),
+``cycle_n``, ``schp_model`` (when cycles run), the torch/CUDA/numpy/python RNG
+states, the epoch's running loss, ``hparams`` (model hyper-parameters and crop
+size, what ``lipfast.evaluate`` rebuilds the model from) and ``args``.
+
+``--resume`` continues from ``--out``/checkpoint.pth (or the path given) exactly
+where it stopped, mid-epoch included: the data order and the augmentation are
+functions of (seed, epoch, index), the sampler skips the batches already done,
+RNG states, optimiser momentum and schedule position are restored. A resumed run
+ends with the same weights as an uninterrupted one (bitwise on CPU here; GPU
+kernels with non-deterministic reductions may differ in the last bits).
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes the
+checkpoint of that iteration boundary (atomically: temporary file, then
+``os.replace``), and exits with status 130; the previous checkpoint stays intact
+until the new one is complete. A second Ctrl-C aborts at once without saving
+(the last complete checkpoint is still intact). ``--max-iters N`` stops the same
+way after N iterations in total (status 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import gc
+import inspect
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from lipfast._train_utils import (CHECKPOINT_FORMAT, Progress, SCHPSchedule, ShardSampler,
+                                  StopFlag, atomic_save, bn_re_estimate, build_model,
+                                  ignore_sigint_in_worker, load_training_checkpoint,
+                                  model_hparams, moving_average, rng_state, set_rng_state)
+
+CSV_FIELDS = ("epoch", "iters", "loss", "lr", "val_miou", "seconds")
+_NO_PLOT_LOGGED = []  # the missing-matplotlib line is logged once
+
+
+def _layers(text: str):
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be 4 comma-separated ints, got {text!r}")
+    if len(vals) != 4 or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--layers must be 4 positive ints, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lipfast.train",
+                                description="Train CE2P/SCHP on a LIP-layout data set.")
+    p.add_argument("--data", required=True, help="LIP-layout data root")
+    p.add_argument("--out", default="runs/lipfast", help="output folder")
+    p.add_argument("--context", default="psp", choices=("psp", "base_oc", "pyramid_oc", "asp_oc"))
+    p.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+    p.add_argument("--norm", default=None,
+                   choices=("inplace_abn_sync", "inplace_abn", "batchnorm"),
+                   help="default: inplace_abn_sync under DDP, inplace_abn otherwise")
+    p.add_argument("--layers", type=_layers, default=(3, 4, 23, 3),
+                   help="Bottleneck counts of layer1..4 (default 3,4,23,3 = ResNet-101)")
+    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--imagenet", default=None, metavar="PATH",
+                   help="ImageNet ResNet checkpoint for the backbone (deep-stem names)")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--crop-size", type=int, default=473)
+    p.add_argument("--lr", type=float, default=7e-3)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--cycles", type=int, default=0,
+                   help="self-correction cycles (SCHP: 5); they start at epochs - cycles*cycle_epochs")
+    p.add_argument("--cycle-epochs", type=int, default=10)
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches for the SCHP model's BN re-estimation (default: a whole epoch)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="stop (and save) after this many iterations in total")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="validate on the val split every N epochs (0: never)")
+    p.add_argument("--val-batches", type=int, default=None, help="limit validation batches")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: OUT/checkpoint.pth)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="autocast on CUDA (auto: bf16 where supported); CPU runs float32")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20, help="progress line every N iterations")
+    p.add_argument("--check-sync", action="store_true",
+                   help="under DDP, verify after every epoch that all ranks hold equal weights")
+    return p
+
+
+def _log(msg: str) -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _setup_distributed(device_arg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg is None and torch.cuda.is_available() or (
+        device_arg is not None and str(device_arg).startswith("cuda"))
+    if want_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if want_cuda:
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        return device, dist.get_rank(), dist.get_world_size()
+    return torch.device("cuda" if want_cuda else "cpu"), 0, 1
+
+
+def _autocast_factory(device, amp: str):
+    if device.type != "cuda" or amp == "off":
+        return None, None
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype)
+
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return autocast, scaler
+
+
+def _float_outputs(preds):
+    return [[p.float() for p in preds[0]], [e.float() for e in preds[1]]]
+
+
+def _sync_check(model) -> float:
+    """Max over tensors of the difference between ranks of (sum, sum |x|)."""
+    sums = []
+    for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+        d = t.detach().double()
+        sums += [d.sum(), d.abs().sum()]
+    local = torch.stack(sums)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+def _write_csv_row(path: str, row: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _plot_curves(csv_path: str, png_path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _NO_PLOT_LOGGED:
+            _log("lipfast.train: matplotlib not installed, no curves.png")
+            _NO_PLOT_LOGGED.append(True)
+        return False
+    with open(csv_path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return False
+    ep = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, [float(r["loss"]) for r in rows], marker="o")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("training loss")
+    vals = [(int(r["epoch"]), float(r["val_miou"])) for r in rows if r["val_miou"] not in ("", None)]
+    if vals:
+        ax[1].plot([v[0] for v in vals], [v[1] for v in vals], marker="o", color="C1")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("val mIoU (%)")
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.device, self.rank, self.world = _setup_distributed(args.device)
+        torch.manual_seed(args.seed)
+        self._check_args()
+        from lipfast.data import LIPDataset, collate
+        from lipfast.losses import SCHPCriterion
+
+        self.collate = collate
+        self.train_set = LIPDataset(args.data, "train", crop_size=args.crop_size, train=True,
+                                    seed=args.seed, num_classes=args.num_classes)
+        if args.val_every:  # fail now, not after the first epoch
+            LIPDataset(args.data, "val", crop_size=args.crop_size, train=False,
+                       num_classes=args.num_classes)
+        n = len(self.train_set)
+        if n < self.world * args.batch_size:
+            raise ValueError(f"{args.data}: {n} training images, fewer than one batch "
+                             f"({args.batch_size} per process x {self.world} processes)")
+        self.sampler = ShardSampler(n, args.batch_size, self.rank, self.world, args.seed)
+        self.iters_per_epoch = self.sampler.batches
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=args.batch_size, sampler=self.sampler,
+            num_workers=args.workers, collate_fn=collate, drop_last=True,
+            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_sigint_in_worker,
+            # own generator: starting an epoch must not draw from the global RNG
+            # (a mid-epoch resume would otherwise shift the dropout stream)
+            generator=torch.Generator().manual_seed(args.seed))
+        norm = args.norm or ("inplace_abn_sync" if self.world > 1 else "inplace_abn")
+        hp = {"num_classes": args.num_classes, "context": args.context,
+              "output_stride": args.output_stride, "layers": list(args.layers),
+              "width_mult": args.width_mult, "norm": norm}
+        model = build_model(hp)
+        if args.imagenet:
+            from lipfast.models import load_imagenet
+
+            load_imagenet(model, args.imagenet)
+        self.model = model.to(self.device)
+        self.hparams = dict(model_hparams(self.model), crop_size=args.crop_size)
+        self.ddp = None
+        if self.world > 1:
+            # the sync norms keep the buffers equal: no per-forward buffer broadcast
+            ddp_cls = torch.nn.parallel.DistributedDataParallel
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
+                       else {"broadcast_buffers": False})
+            self.ddp = ddp_cls(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **no_sync)
+        self.net = self.ddp or self.model
+        self.criterion = SCHPCriterion(num_classes=args.num_classes)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr,
+                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.schp_start = args.epochs - args.cycles * args.cycle_epochs if args.cycles else None
+        self.scheduler = SCHPSchedule(self.optimizer, args.lr, self.iters_per_epoch, args.epochs,
+                                      warmup_epochs=args.warmup_epochs,
+                                      cycle_start=self.schp_start, cycle_epochs=args.cycle_epochs)
+        self.autocast, self.scaler = _autocast_factory(self.device, args.amp)
+        self.schp_model = copy.deepcopy(self.model) if args.cycles else None
+        self.cycle_n = 0
+        self.epoch = 0
+        self.iter_in_epoch = 0
+        self.iteration = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.losses = []  # per-iteration losses of this process (for callers / tests)
+        self.lr = self.scheduler.get_last_lr()  # rate of the last step taken
+        self.out = args.out
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pth")
+        self.csv_path = os.path.join(self.out, "metrics.csv")
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+
+    def _check_args(self):
+        a = self.args
+        for name in ("epochs", "batch_size", "crop_size", "cycle_epochs", "num_classes"):
+            if getattr(a, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        if a.cycles < 0:
+            raise ValueError(f"--cycles must be >= 0, got {a.cycles}")
+        if a.cycles and a.cycles * a.cycle_epochs >= a.epochs:
+            raise ValueError(f"--cycles {a.cycles} x --cycle-epochs {a.cycle_epochs} leaves no "
+                             f"warm start in {a.epochs} epochs (SCHP: 150 epochs, 5 x 10)")
+        if not a.lr > 0 or not a.width_mult > 0:
+            raise ValueError("--lr and --width-mult must be positive")
+        if a.max_iters is not None and a.max_iters < 0:
+            raise ValueError("--max-iters must be >= 0")
+        if not os.path.isdir(a.data):
+            raise FileNotFoundError(f"--data: data root not found: {a.data}")
+
+    # -------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "hparams": self.hparams,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "iter_in_epoch": self.iter_in_epoch,
+            "iteration": self.iteration, "cycle_n": self.cycle_n,
+            "schp_model": self.schp_model.state_dict() if self.schp_model is not None else None,
+            "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            "rng": rng_state(),
+            "world_size": self.world,
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
+        }
+
+    def save(self) -> None:
+        if self.rank == 0:
+            atomic_save(self.state(), self.ckpt_path)
+        if self.world > 1:
+            dist.barrier()
+
+    def resume(self, path: str) -> None:
+        ckpt = load_training_checkpoint(path)
+        for k in ("num_classes", "context", "output_stride", "layers", "width_mult"):
+            if ckpt["hparams"].get(k) != self.hparams[k]:
+                raise ValueError(f"--resume {path}: checkpoint has {k}={ckpt['hparams'].get(k)!r},"
+                                 f" the command line {self.hparams[k]!r}")
+        if ckpt.get("world_size", 1) != self.world:
+            _log(f"lipfast.train: warning: checkpoint from {ckpt.get('world_size')} processes, "
+                 f"resuming with {self.world}: the data order differs from an uninterrupted run")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.schp_model is not None and ckpt.get("schp_model") is not None:
+            self.schp_model.load_state_dict(ckpt["schp_model"])
+        self.epoch, self.iter_in_epoch = int(ckpt["epoch"]), int(ckpt["iter_in_epoch"])
+        self.iteration, self.cycle_n = int(ckpt["iteration"]), int(ckpt["cycle_n"])
+        self.loss_sum, self.loss_count = float(ckpt["loss_sum"]), int(ckpt["loss_count"])
+        set_rng_state(ckpt["rng"])
+        _log(f"lipfast.train: resumed from {path} at epoch {self.epoch}, iteration "
+             f"{self.iteration} ({self.iter_in_epoch}/{self.iters_per_epoch} of the epoch)")
+
+    # -------------------------------------------------------------- steps
+    def _to_device(self, images, labels):
+        nb = self.device.type == "cuda"
+        return images.to(self.device, non_blocking=nb), labels.to(self.device, non_blocking=nb)
+
+    def train_step(self, images, labels) -> torch.Tensor:
+        """One SGD step; returns the (detached) loss. ``self.lr`` is the step's rate."""
+        from lipfast.losses import generate_edge
+
+        images, labels = self._to_device(images, labels)
+        edges = generate_edge(labels)
+        target = [labels, edges]
+        cycle_n = None
+        if self.cycle_n >= 1:
+            self.schp_model.eval()  # the teacher: running statistics, no dropout
+            with torch.no_grad():
+                if self.autocast is not None:
+                    with self.autocast():
+                        soft = self.schp_model(images)
+                else:
+                    soft = self.schp_model(images)
+            target += [soft[0][-1].float(), soft[1][-1].float()]
+            cycle_n = self.cycle_n
+        self.net.train()
+        if self.autocast is not None:
+            with self.autocast():
+                preds = self.net(images)
+        else:
+            preds = self.net(images)
+        loss = self.criterion(_float_outputs(preds), target, cycle_n=cycle_n)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _stop_requested(self, flag: StopFlag) -> bool:
+        stop = flag.requested
+        if self.world > 1:
+            t = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            stop = bool(t.item() > 0)
+        return stop
+
+    def self_correct(self) -> None:
+        """Averages the weights into the SCHP model and re-estimates its norms."""
+        moving_average(self.schp_model, self.model, 1.0 / (self.cycle_n + 1))
+        self.cycle_n += 1
+        limit = self.args.bn_batches
+
+        def batches():
+            self.sampler.set_epoch(self.epoch, 0)
+            for i, (images, _, _) in enumerate(self.loader):
+                if limit is not None and i >= limit:
+                    break
+                yield images.to(self.device)
+
+        n = bn_re_estimate(self.schp_model, batches(), self.autocast)
+        if self.world > 1 and self.model.norm != "inplace_abn_sync":
+            for b in self.schp_model.buffers():
+                dist.broadcast(b, 0)
+        self.schp_model.eval()
+        _log(f"lipfast.train: self-correction cycle {self.cycle_n}: weights averaged, norm "
+             f"statistics re-estimated on {n * self.world} images")
+
+    def validate(self):
+        from lipfast.data import LIPDataset
+        from lipfast.evaluate import evaluate_loader
+
+        val = LIPDataset(self.args.data, "val", crop_size=self.args.crop_size, train=False,
+                         num_classes=self.args.num_classes)
+        idx = list(range(self.rank, len(val), self.world))
+        if self.args.val_batches is not None:
+            idx = idx[:self.args.val_batches * self.args.batch_size]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, idx),
+                                             batch_size=self.args.batch_size,
+                                             num_workers=self.args.workers,
+                                             collate_fn=self.collate)
+        metrics = evaluate_loader([self.model], loader, self.args.num_classes, self.device,
+                                  autocast=self.autocast, reduce=self.world > 1)
+        self.model.train()
+        return metrics
+
+    # -------------------------------------------------------------- loop
+    def run(self) -> int:
+        a = self.args
+        if a.resume is not None:
+            self.resume(a.resume or self.ckpt_path)
+        _log(f"lipfast.train: {len(self.train_set)} training images, {self.world} process(es), "
+             f"batch {a.batch_size}/process, {self.iters_per_epoch} iterations/epoch, "
+             f"{a.epochs} epochs, device {self.device}, norm {self.model.norm}, "
+             f"context {self.model.context}, amp {'off' if self.autocast is None else a.amp}")
+        status = 0
+        with StopFlag() as flag:
+            while self.epoch < a.epochs:
+                t0 = time.perf_counter()
+                self.train_set.set_epoch(self.epoch)
+                self.sampler.set_epoch(self.epoch, self.iter_in_epoch)
+                prog = Progress(self.iters_per_epoch, prefix=f"epoch {self.epoch + 1}/{a.epochs}",
+                                every=a.log_every, enabled=self.rank == 0)
+                stopped = False
+                for images, labels, _ in self.loader:
+                    if a.max_iters is not None and self.iteration >= a.max_iters:
+                        stopped = True
+                        break
+                    loss = self.train_step(images, labels)
+                    self.iteration += 1
+                    self.iter_in_epoch += 1
+                    lv = float(loss)
+                    if not math.isfinite(lv):
+                        raise FloatingPointError(f"loss is {lv} at iteration {self.iteration}")
+                    self.losses.append(lv)
+                    self.loss_sum += lv
+                    self.loss_count += 1
+                    prog.update(self.iter_in_epoch, f"loss {lv:.4f} lr {self.lr:.2e}")
+                    if self._stop_requested(flag):
+                        status = 130
+                        stopped = True
+                        break
+                    if a.max_iters is not None and self.iteration >= a.max_iters and (
+                            self.iter_in_epoch < self.iters_per_epoch):
+                        stopped = True
+                        break
+                prog.close()
+                if stopped:
+                    self.save()
+                    why = "interrupted" if status else f"--max-iters {a.max_iters} reached"
+                    _log(f"lipfast.train: {why}: state at epoch {self.epoch}, iteration "
+                         f"{self.iteration} saved to {self.ckpt_path} (continue with --resume)")
+                    break
+                self._end_epoch(t0)
+                if a.max_iters is not None and self.iteration >= a.max_iters \
+                        and self.epoch < a.epochs:
+                    _log(f"lipfast.train: --max-iters {a.max_iters} reached at the end of epoch "
+                         f"{self.epoch}; state saved to {self.ckpt_path}")
+                    break
+        if self.world > 1 and a.check_sync:
+            diff = _sync_check(self.model)
+            _log(f"lipfast.train: sync check: ranks agree (max |diff| = {diff:.3g})" if diff == 0
+                 else f"lipfast.train: sync check: ranks DIFFER (max |diff| = {diff:.3g})")
+            if diff != 0:
+                raise RuntimeError(f"DDP ranks hold different weights (max |diff| = {diff})")
+        if status == 0 and self.epoch >= a.epochs:
+            _log(f"lipfast.train: done, {self.iteration} iterations; checkpoint {self.ckpt_path}")
+        return status
+
+    def _end_epoch(self, t0: float) -> None:
+        a = self.args
+        total = torch.tensor([self.loss_sum, float(self.loss_count)], dtype=torch.float64,
+                             device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        mean_loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        epoch_done = self.epoch + 1
+        if self.schp_start is not None and epoch_done >= self.schp_start and (
+                epoch_done - self.schp_start) % a.cycle_epochs == 0:
+            self.self_correct()
+        miou = ""
+        if a.val_every and epoch_done % a.val_every == 0:
+            metrics = self.validate()
+            res = metrics.compute()
+            miou = f"{float(res['miou']):.4f}"
+            if self.rank == 0:
+                print(metrics.table(), flush=True)
+        if self.world > 1 and a.check_sync:
+            diff = _sync_check(self.model)
+            if diff != 0:
+                raise RuntimeError(f"DDP ranks hold different weights after epoch {epoch_done} "
+                                   f"(max |diff| = {diff})")
+        self.epoch = epoch_done
+        self.iter_in_epoch = 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.save()
+        if self.rank == 0:
+            row = {"epoch": epoch_done, "iters": self.iteration, "loss": f"{mean_loss:.6f}",
+                   "lr": f"{self.lr:.6g}", "val_miou": miou,
+                   "seconds": f"{time.perf_counter() - t0:.1f}"}
+            _write_csv_row(self.csv_path, row)
+            _log(f"lipfast.train: epoch {epoch_done}/{a.epochs} loss {mean_loss:.4f} "
+                 f"lr {row['lr']}" + (f" val mIoU {miou}" if miou else ""))
+            _plot_curves(self.csv_path, os.path.join(self.out, "curves.png"))
+
+
+def main(argv=None):
+    """Runs training; returns the :class:`Trainer` (its ``losses`` list holds
+    this process's per-iteration losses) and exits 130 when interrupted."""
+    args = build_parser().parse_args(argv)
+    trainer = None
+    ok = False
+    try:
+        trainer = Trainer(args)
+        status = trainer.run()
+        ok = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            # release DDP's reducer (and its hooks on the process group) before
+            # the group goes away; tearing them down in the other order can
+            # abort the process at exit
+            if trainer is not None:
+                trainer.ddp = trainer.net = None
+            gc.collect()
+            dist.destroy_process_group()
+    trainer.status = status
+    return trainer
+
+
+if __name__ == "__main__":
+    try:
+        t = main()
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"lipfast.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(t.status)
