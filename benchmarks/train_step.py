@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""End-to-end training-step benchmark: CE2P on LIP-shaped batches, the reference
+stack against the lipfast stack (issue 6).
+
+Configurations (``--configs``):
+
+  asp_oc8   CE2P with OCNet's ASP-OC context, output stride 8 (the seed's CE2P-OCNet)
+  psp16     CE2P with the PSP context, output stride 16 (CE2P / SCHP)
+
+Stacks, same initial weights (the lipfast model loads the reference model's
+state_dict), same batch, same dropout masks at step 0:
+
+  reference  norm="batchnorm" (nn.BatchNorm2d + LeakyReLU(0.01) / ReLU), OCNet's
+             eager attention (materialised softmax(Q K^T) V, Python loop over
+             pyramid regions; swapped in for lipfast.ops.oc_attention), and SCHP's
+             eager criterion as upstream writes it (benchmarks/loss.py: per-term
+             F.interpolate + F.cross_entropy, per-class Lovasz loop, host-side edge
+             weights, the consistency term computed, conv-based edge labels).
+  lipfast    norm="inplace_abn" (In-Place ABN; the Sync variant without a process
+             group is the same layer), lipfast's fused OC attention,
+             lipfast.losses.SCHPCriterion with lipfast.losses.generate_edge.
+
+A step is: edge labels from the label map, forward (under bf16 autocast on
+CUDA), the SCHP criterion in float32, backward, SGD (momentum 0.9, weight decay
+5e-4). Reported per stack: step-0 loss (the two must agree within --tol
+relative; the script prints the difference and exits with status 1 when it does
+not), median and best step time over --reps steps after --warmup (both stacks
+in one process, their steps alternating, so that load from other processes hits
+both alike; on a shared machine the best step is the steadier figure), and
+peak memory (one stack per fresh process, one measured step):
+
+  Both: the peak during the timed steps above what is allocated before them
+        (model, gradients, optimizer state and batch excluded: they are the same
+        for both stacks; gradients are zeroed, not freed, between steps), i.e.
+        activations kept for backward plus temporaries.
+  CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the steps.
+  CPU:  growth of the process's resident set: each stack runs in its own fresh
+        process with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors go back to the
+        OS, so RSS follows live memory); the kernel's peak-RSS mark (VmHWM, reset
+        through /proc/self/clear_refs; a 1 ms sampling thread where that is
+        refused) minus the RSS before the steps. It includes allocator overhead
+        and kernel scratch, as `top` would.
+
+``--max-batch`` (CUDA) also searches the largest batch that fits (doubling,
+then bisection, one step each). Shapes: CUDA default 473x473, B=8; CPU default
+129x129, B=2 with the full ResNet-101 (about a minute); ``--quick``: a reduced
+model (one Bottleneck per stage, width x0.25), 65x65, B=2 (seconds; what the
+test runs). ``--json PATH`` writes the rows and the environment record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import environment  # noqa: E402
+from loss import labels_like, schp_eager, schp_generate_edge_tensor  # noqa: E402
+
+import lipfast.nn.oc as _oc  # noqa: E402
+from lipfast.losses import SCHPCriterion, generate_edge  # noqa: E402
+from lipfast.models import CE2P  # noqa: E402
+
+CONFIGS = {"asp_oc8": ("asp_oc", 8), "psp16": ("psp", 16)}
+NUM_CLASSES = 20
+
+
+# ----------------------------------------------------------------- reference attention
+def eager_oc_attention(qk, v, scale=None, regions=None):
+    """OCNet's attention as written upstream: the N x N similarity map is
+    materialised and kept for backward; pyramid regions in a Python loop (the last
+    row/column of regions absorbs the remainder)."""
+    b, ck, h, w = qk.shape
+    cv = v.shape[1]
+    scale = ck ** -0.5 if scale is None else scale
+    s = regions or 1
+    sh, sw = h // s, w // s
+    rows = []
+    for i in range(s):
+        r0, r1 = i * sh, (h if i == s - 1 else (i + 1) * sh)
+        cols = []
+        for j in range(s):
+            c0, c1 = j * sw, (w if j == s - 1 else (j + 1) * sw)
+            q = qk[:, :, r0:r1, c0:c1].reshape(b, ck, -1)
+            val = v[:, :, r0:r1, c0:c1].reshape(b, cv, -1)
+            sim = torch.softmax(torch.matmul(q.transpose(1, 2), q) * scale, dim=-1)
+            ctx = torch.matmul(sim, val.transpose(1, 2)).transpose(1, 2)
+            cols.append(ctx.reshape(b, cv, r1 - r0, c1 - c0))
+        rows.append(torch.cat(cols, 3))
+    return torch.cat(rows, 2)
+
+
+@contextlib.contextmanager
+def eager_attention():
+    """Swaps OCNet's eager attention in for lipfast's inside lipfast.nn.oc."""
+    saved = _oc.oc_attention
+    _oc.oc_attention = eager_oc_attention
+    try:
+        yield
+    finally:
+        _oc.oc_attention = saved
+
+
+# ----------------------------------------------------------------- one stack
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Peak resident set size from now on: the kernel's high-water mark (VmHWM) reset
+    through /proc/self/clear_refs, or, where that is refused, a 1 ms sampling thread."""
+
+    def __init__(self):
+        self.base = _rss_bytes()
+        self.thread = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.how = "VmHWM"
+        except OSError:
+            import threading
+
+            self.how = "sampled"
+            self.peak, self.stop = self.base, threading.Event()
+
+            def sample():
+                while not self.stop.wait(0.001):
+                    self.peak = max(self.peak, _rss_bytes())
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+
+    def growth(self) -> int:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            return max(0, self.peak - self.base)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(0, int(line.split()[1]) * 1024 - self.base)
+        return 0
+
+
+def build(config: str, stack: str, quick: bool, device, seed: int = 0):
+    context, os_ = CONFIGS[config]
+    kw = dict(layers=(1, 1, 1, 1), width_mult=0.25) if quick else {}
+    torch.manual_seed(seed)
+    ref = CE2P(NUM_CLASSES, context=context, output_stride=os_, norm="batchnorm", **kw)
+    if stack == "reference":
+        return ref.to(device)
+    fast = CE2P(NUM_CLASSES, context=context, output_stride=os_, norm="inplace_abn", **kw)
+    fast.load_state_dict(ref.state_dict())
+    return fast.to(device)
+
+
+def make_batch(b: int, size: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, size, size, generator=g).to(device)
+    labels = labels_like(b, size, size, NUM_CLASSES, device, seed=seed)
+    return images, labels
+
+
+class Stack:
+    """One stack ready to train: model, SGD, batch and criterion; ``step(seed)`` runs
+    one training step and returns the loss."""
+
+    def __init__(self, config, stack, quick, batch, size, device, amp, seed=0):
+        self.stack, self.device, self.amp = stack, device, amp
+        self.model = build(config, stack, quick, device, seed).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9,
+                                   weight_decay=5e-4)
+        self.images, self.labels = make_batch(batch, size, device, seed)
+        self.crit = SCHPCriterion(num_classes=NUM_CLASSES)
+
+    def step(self, step_seed: int) -> torch.Tensor:
+        attn = eager_attention() if self.stack == "reference" else contextlib.nullcontext()
+        with attn:
+            torch.manual_seed(step_seed)   # the same dropout masks in both stacks
+            self.opt.zero_grad(set_to_none=False)   # gradients stay allocated between steps
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                preds = self.model(self.images)
+            preds = [[p.float() for p in preds[0]], [e.float() for e in preds[1]]]
+            if self.stack == "reference":
+                edges = schp_generate_edge_tensor(self.labels).long()
+                loss = schp_eager(preds, self.labels, edges)
+            else:
+                loss = self.crit(preds, [self.labels, generate_edge(self.labels)])
+            loss.backward()
+            self.opt.step()
+        return loss.detach()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed=0):
+    """Builds one stack alone and measures it; returns a dict (loss0, ms, peak_MB, ...).
+    Memory is the peak during the ``reps`` steps above what exists before them."""
+    st = Stack(config, stack, quick, batch, size, device, amp, seed)
+    res = {"config": config, "stack": stack, "loss0": float(st.step(1000))}
+    for i in range(warmup):
+        st.step(1001 + i)
+    # Memory is measured from here: gradients and optimizer state already exist.
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        rss = _PeakRSS()
+    times = []
+    for i in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        st.step(2000 + i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    res["ms"] = statistics.median(times) if times else None
+    res["times_ms"] = times
+    if device.type == "cuda":
+        res["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        res["peak_MB"] = rss.growth() / 2**20
+        res["peak_how"] = rss.how
+    return res
+
+
+def time_interleaved(config, quick, batch, size, reps, warmup, device, amp, seed=0):
+    """Both stacks in this process, steps alternating (order flipped every round) so
+    that load from other processes hits both alike; returns {stack: {loss0, ms,
+    times_ms}}."""
+    stacks = {s: Stack(config, s, quick, batch, size, device, amp, seed)
+              for s in ("reference", "lipfast")}
+    out = {s: {"loss0": float(st.step(1000)), "times_ms": []} for s, st in stacks.items()}
+    for i in range(warmup):
+        for st in stacks.values():
+            st.step(1001 + i)
+    order = list(stacks)
+    for i in range(reps):
+        for s in (order if i % 2 == 0 else order[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            stacks[s].step(2000 + i)
+            _sync(device)
+            out[s]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+    for r in out.values():
+        r["ms"] = statistics.median(r["times_ms"])
+        r["best_ms"] = min(r["times_ms"])
+    return out
+
+
+def max_batch(config, stack, quick, size, device, amp, limit=256):
+    """Largest batch (<= limit) for which one training step fits (CUDA)."""
+    def fits(b):
+        try:
+            run_stack(config, stack, quick, b, size, 0, 0, device, amp)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ----------------------------------------------------------------- driver
+def _worker(args) -> int:
+    device = torch.device(args.device)
+    res = run_stack(args.worker_config, args.worker_stack, args.quick, args.batch, args.size,
+                    args.reps, args.warmup, device, args.amp)
+    if args.max_batch:
+        res["max_batch"] = max_batch(args.worker_config, args.worker_stack, args.quick,
+                                     args.size, device, args.amp)
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+def _spawn(args, config, stack) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-config", config,
+           "--worker-stack", stack, "--device", args.device, "--batch", str(args.batch),
+           "--size", str(args.size), "--reps", "1", "--warmup", "1"]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--amp"] if args.amp else ["--no-amp"]
+    cmd += ["--max-batch"] if args.max_batch else []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker {config}/{stack} failed "
+                           f"(exit {out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="asp_oc8,psp16",
+                    help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--quick", action="store_true", help="reduced model, 65x65 (seconds)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--size", type=int, default=None, help="square input size")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--amp", dest="amp", action="store_true", default=None,
+                    help="bf16 autocast (default on CUDA)")
+    ap.add_argument("--no-amp", dest="amp", action="store_false")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="relative step-0 loss tolerance (default 2e-3 fp32, 3e-2 bf16)")
+    ap.add_argument("--max-batch", action="store_true", help="largest batch that fits (CUDA)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="measure memory in this process too (not isolated; for tests)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-stack", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.amp is None:
+        args.amp = gpu
+    if args.batch is None:
+        args.batch = 8 if gpu and not args.quick else 2
+    if args.size is None:
+        args.size = 65 if args.quick else (473 if gpu else 129)
+    if args.reps is None:
+        args.reps = 10 if gpu else (2 if args.quick else 3)
+    if args.warmup is None:
+        args.warmup = 3 if gpu else 1
+    if args.max_batch and not gpu:
+        ap.error("--max-batch needs a CUDA device")
+    if args.worker_config:
+        return _worker(args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad or not configs:
+        ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
+    tol = args.tol if args.tol is not None else (3e-2 if args.amp else 2e-3)
+
+    rows, ok = [], True
+    for config in configs:
+        # Time: both stacks in this process, steps interleaved.
+        pair = time_interleaved(config, args.quick, args.batch, args.size, args.reps,
+                                args.warmup, device, args.amp)
+        # Memory (and the largest batch): one stack at a time, each in a fresh process
+        # unless --in-process.
+        for stack in ("reference", "lipfast"):
+            if args.in_process:
+                mem = run_stack(config, stack, args.quick, args.batch, args.size, 1, 1,
+                                device, args.amp)
+                if args.max_batch:
+                    mem["max_batch"] = max_batch(config, stack, args.quick, args.size,
+                                                 device, args.amp)
+            else:
+                mem = _spawn(args, config, stack)
+            if mem["loss0"] != pair[stack]["loss0"]:
+                print(f"note: {config}/{stack}: step-0 loss {mem['loss0']!r} in the memory run "
+                      f"vs {pair[stack]['loss0']!r} in the timing run", file=sys.stderr)
+            pair[stack]["peak_MB"] = mem["peak_MB"]
+            for k in ("peak_how", "max_batch"):
+                if k in mem:
+                    pair[stack][k] = mem[k]
+        ref, fast = pair["reference"], pair["lipfast"]
+        rel = abs(fast["loss0"] - ref["loss0"]) / max(abs(ref["loss0"]), 1e-12)
+        good = rel <= tol
+        ok &= good
+        rows.append({"config": config, "reference": ref, "lipfast": fast, "loss0_rel_diff": rel,
+                     "loss0_ok": good, "speedup": ref["ms"] / fast["ms"],
+                     "best_speedup": ref["best_ms"] / fast["best_ms"],
+                     "memory_ratio": (fast["peak_MB"] / ref["peak_MB"]
+                                      if ref["peak_MB"] > 0 else None)})
+
+    env = environment(device)
+    mem = ("cuda max_memory_allocated above model, gradients and optimizer state" if gpu else
+           "peak RSS growth above model, gradients and optimizer state")
+    mem += "" if args.in_process else ", one fresh process per stack"
+    print(f"device {device} ({env['device_name']}), B={args.batch}, {args.size}x{args.size}, "
+          f"{'reduced model (--quick)' if args.quick else 'ResNet-101'}, "
+          f"{'bf16 autocast' if args.amp else 'float32'}, {torch.get_num_threads()} threads; "
+          f"time: median of {args.reps} steps after {args.warmup} warm-up, stacks interleaved "
+          f"in one process; peak memory: {mem}")
+    head = (f"{'config':<9} {'stack':<10} {'step-0 loss':>12} {'step ms':>9} {'best ms':>9} "
+            f"{'peak MB':>9}"
+            + (f" {'max B':>6}" if args.max_batch else ""))
+    print(head)
+    for r in rows:
+        for stack in ("reference", "lipfast"):
+            s = r[stack]
+            print(f"{r['config']:<9} {stack:<10} {s['loss0']:>12.6f} {s['ms']:>9.1f} "
+                  f"{s['best_ms']:>9.1f} {s['peak_MB']:>9.1f}" + (f" {s['max_batch']:>6}" if args.max_batch else ""))
+        mr = r["memory_ratio"]
+        print(f"{r['config']:<9} {'ratio':<10} {'diff ' + format(r['loss0_rel_diff'], '.1e'):>12} "
+              f"{r['speedup']:>8.2f}x {r['best_speedup']:>8.2f}x "
+              f"{('-' if mr is None else format(mr, '.2f') + 'x'):>9}"
+              + ("" if r["loss0_ok"] else f"   STEP-0 LOSS MISMATCH (tolerance {tol:g})"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"env": env, "args": {k: v for k, v in vars(args).items()
+                                  if not k.startswith("worker")},
+             "tolerance": tol, "memory": mem, "rows": rows}, indent=1))
+    if not ok:
+        print("FAIL: the step-0 losses of the two stacks differ by more than the tolerance",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
