@@ -2,7 +2,9 @@
 
 Importing lipfast loads the compiled extension ``lipfast._C`` (building it just
 in time when the installed one is missing or was built for another torch) and
-registers the ops under ``torch.ops.lipfast``.
+registers the ops under ``torch.ops.lipfast``. Subpackages: ``nn`` (ABN, OC modules),
+``ops``, ``losses``, ``metrics``, ``models`` (CE2P), ``data`` (LIP), ``patch``;
+``python -m lipfast.train`` / ``python -m lipfast.evaluate`` are the tools.
 """
 
 from ._ext import build_info
@@ -22,7 +24,8 @@ from .nn import (
     PyramidSelfAttentionBlock2D,
     SelfAttentionBlock2D,
 )
-from . import losses
+from . import losses, metrics, models
+from .patch import patch
 from .ops import inplace_abn, inplace_abn_sync, oc_attention
 
 __version__ = "0.1.0"
@@ -46,5 +49,8 @@ __all__ = [
     "inplace_abn",
     "inplace_abn_sync",
     "losses",
+    "metrics",
+    "models",
+    "patch",
     "oc_attention",
 ]
