@@ -214,3 +214,149 @@ def test_all_ignored(ce_path):
         loss.backward()
         for t in leaves[: len(preds) if isinstance(crit, OCNetCriterion) else 3]:
             assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+# ---------------------------------------------------------------------------- CUDA
+# Each criterion on CUDA in float32 against the float64 eager reference above
+# (CPU) and against lipfast's own CPU float32 result. Tolerances: loss 1e-5
+# relative; gradients 1e-4 of each gradient's largest entry (float32 errors can
+# reorder near-tied Lovász errors). Under torch.autocast("cuda", bfloat16) the
+# loss must be float32, finite and within 2e-2 (relative) of the float32 loss,
+# gradients within 5e-2 of the largest entry (bf16 logits: 8-bit mantissa).
+
+
+def _cuda_grads(fn, leaves, device, dtype=torch.float32, cast=None):
+    """(loss, grads) of fn on copies of the leaves moved to device/dtype; ``cast``
+    converts the leaves inside the function (e.g. to bfloat16 under autocast)."""
+    ls = [t.detach().to(device, dtype).requires_grad_() for t in leaves]
+    args = [t.to(cast) for t in ls] if cast is not None else ls
+    out = fn(*args)
+    return out, torch.autograd.grad(out, ls)
+
+
+def _cuda_check(fn_cuda, fn_cpu, fn_ref, leaves, rtol_loss=1e-5, gtol=1e-4):
+    lg, gg = _cuda_grads(fn_cuda, leaves, "cuda")
+    lc, gc = _cuda_grads(fn_cpu, leaves, "cpu")
+    lr, gr = _cuda_grads(fn_ref, leaves, "cpu", torch.float64)
+    assert lg.device.type == "cuda" and lg.dtype == torch.float32 and lg.shape == ()
+    for other in (lc, lr):
+        torch.testing.assert_close(lg.detach().cpu().double(), other.detach().double(),
+                                   rtol=rtol_loss, atol=1e-7)
+    for a, c, r in zip(gg, gc, gr):
+        s = max(float(r.abs().max()), 1e-30)
+        for other in (c, r):
+            torch.testing.assert_close(a.cpu().double() / s, other.double() / s, atol=gtol,
+                                       rtol=0)
+    return lg
+
+
+def _cuda_make(c=20, seed=0, ldt=torch.int64):
+    labels, edges, par, fus, edg, soft, soft_e = make(b=2, c=c, h=31, w=29, H=121, W=117,
+                                                      seed=seed)
+    return labels.to(ldt), edges, par, fus, edg, soft, soft_e
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ldt", [torch.uint8, torch.int64])
+def test_cuda_schp_cycle0(ldt):
+    labels, edges, par, fus, edg, _, _ = _cuda_make(seed=1, ldt=ldt)
+    crit = SCHPCriterion(num_classes=20)
+    lab_g, edg_g = labels.cuda(), edges.cuda()
+    _cuda_check(lambda a, b, e: crit([[a, b], [e]], [lab_g, edg_g]),
+                lambda a, b, e: crit([[a, b], [e]], [labels, edges]),
+                lambda a, b, e: schp_ref([[a, b], [e]], labels.long(), edges),
+                [par, fus, edg])
+    # edge labels made on the device, as lipfast.train does
+    assert torch.equal(generate_edge(lab_g).cpu(), edges)
+
+
+@pytest.mark.cuda
+def test_cuda_schp_soft_targets():
+    cycle = 2
+    labels, edges, par, fus, edg, soft, soft_e = _cuda_make(c=6, seed=2)
+    crit = SCHPCriterion(num_classes=6)
+    lab_g, edg_g = labels.cuda(), edges.cuda()
+    before = lab_g.clone()
+    _cuda_check(lambda a, b, e, s, se: crit([[a, b], [e]], [lab_g, edg_g, s, se], cycle_n=cycle),
+                lambda a, b, e, s, se: crit([[a, b], [e]], [labels, edges, s, se], cycle_n=cycle),
+                lambda a, b, e, s, se: schp_ref([[a, b], [e]], labels, edges, s, se, cycle, nc=6),
+                [par, fus, edg, soft, soft_e])
+    assert torch.equal(lab_g, before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ldt", [torch.uint8, torch.int64])
+def test_cuda_ce2p(ldt):
+    labels, edges, par, fus, edg, _, _ = _cuda_make(seed=5, ldt=ldt)
+    crit = CE2PCriterion()
+    size = labels.shape[-2:]
+    lab_g, edg_g = labels.cuda(), edges.cuda()
+    lab64 = labels.long()
+    _cuda_check(lambda a, b, e: crit([[a, b], [e]], [lab_g, edg_g]),
+                lambda a, b, e: crit([[a, b], [e]], [labels, edges]),
+                lambda a, b, e: ce_ref(up(a, size), lab64) + ce_ref(up(b, size), lab64)
+                + edge_ref(up(e, size), edges),
+                [par, fus, edg])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_ocnet(weighted):
+    labels, _, main, dsn, _, _, _ = _cuda_make(c=5, seed=6)
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.8], dtype=torch.float64) if weighted else None
+    crit_g = OCNetCriterion(weight=w).cuda()
+    crit_c = OCNetCriterion(weight=w)
+    size = labels.shape[-2:]
+    lab_g = labels.cuda()
+    _cuda_check(lambda a, b: crit_g([a, b], lab_g),
+                lambda a, b: crit_c([a, b], labels),
+                lambda a, b: ce_ref(up(a, size), labels, w) + 0.4 * ce_ref(up(b, size), labels, w),
+                [main, dsn])
+
+
+def _cuda_autocast_check(fn, leaves):
+    """fn under bf16 autocast, with float32 leaves passed as they are (lipfast.train
+    casts the model outputs to float32) and cast to bfloat16 (raw AMP outputs)."""
+    l32, g32 = _cuda_grads(fn, leaves, "cuda")
+    for cast in (None, torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            la, ga = _cuda_grads(fn, leaves, "cuda", cast=cast)
+        assert la.dtype == torch.float32 and torch.isfinite(la)
+        torch.testing.assert_close(la.detach(), l32.detach(), rtol=2e-2, atol=1e-4)
+        for a, r in zip(ga, g32):
+            assert a.dtype == torch.float32 and torch.isfinite(a).all()
+            s = max(float(r.abs().max()), 1e-30)
+            torch.testing.assert_close(a / s, r / s, atol=5e-2, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_criteria_under_bf16_autocast():
+    labels, edges, par, fus, edg, soft, soft_e = _cuda_make(c=20, seed=3)
+    lab_g, edg_g = labels.cuda(), edges.cuda()
+    schp = SCHPCriterion(num_classes=20)
+    _cuda_autocast_check(lambda a, b, e: schp([[a, b], [e]], [lab_g, edg_g]), [par, fus, edg])
+    soft_g, soft_eg = soft.float().cuda(), soft_e.float().cuda()
+    _cuda_autocast_check(
+        lambda a, b, e: schp([[a, b], [e]], [lab_g, edg_g, soft_g, soft_eg], cycle_n=1),
+        [par, fus, edg])
+    ce2p = CE2PCriterion()
+    _cuda_autocast_check(lambda a, b, e: ce2p([[a, b], [e]], [lab_g, edg_g]), [par, fus, edg])
+    ocnet = OCNetCriterion(weight=torch.rand(20) + 0.5).cuda()
+    _cuda_autocast_check(lambda a, b: ocnet([a, b], lab_g), [par, fus])
+
+
+@pytest.mark.cuda
+def test_cuda_all_ignored():
+    labels, _, par, fus, edg, _, _ = _cuda_make(c=5, seed=7)
+    labels = torch.full_like(labels, IGN).cuda()
+    edges = generate_edge(labels)
+    for crit, n, target in [(SCHPCriterion(num_classes=5), 3, [labels, edges]),
+                            (CE2PCriterion(), 3, [labels, edges]),
+                            (OCNetCriterion(), 2, labels)]:
+        leaves = [t.detach().float().cuda().requires_grad_() for t in (par, fus, edg)[:n]]
+        preds = leaves if n == 2 else [leaves[:2], [leaves[2]]]
+        loss = crit(preds, target)
+        assert loss.item() == 0.0
+        loss.backward()
+        for t in leaves:
+            assert t.grad is not None and torch.count_nonzero(t.grad).item() == 0

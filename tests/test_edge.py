@@ -262,3 +262,144 @@ def test_edge_loss_double_backward_raises():
     (g,) = torch.autograd.grad(edge_loss(z, generate_edge(lab)), z, create_graph=True)
     with pytest.raises(NotImplementedError, match="upsample_ce_backward"):
         torch.autograd.grad(g.square().sum(), z)
+
+
+# --------------------------------------------------------------------------- CUDA
+# generate_edge: the Triton kernel against the C++ CPU kernel (itself checked
+# against the SPEC steps above) and, on small inputs, the steps directly; exact.
+# edge_loss: against edge_loss_reference on a float64 CPU copy of the same
+# (rounded) logits; float32 math inside for every non-float64 dtype, so the
+# loss is good to 1e-5; the gradient (logits' dtype) to 1e-5 (float32) / 1e-2
+# (half types) of its largest entry.
+
+
+def _cuda_edge_views(lab):
+    """Non-contiguous views of a CUDA label tensor (and their CPU copies)."""
+    views = [lab.transpose(1, 2), lab[:, 1::3, ::2], lab[::2, :, 5:], lab.flip(2)[:, :, :-1]]
+    return [v for v in views if v.numel() > 0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_cuda_generate_edge_matches_cpu(dtype):
+    for shape in [(1, 1, 1), (1, 1, 13), (2, 11, 1), (3, 9, 14), (2, 17, 23), (1, 40, 3),
+                  (2, 119, 121), (1, 473, 473)]:
+        lab = blobby_labels(*shape, seed=sum(shape), dtype=dtype)
+        before = lab.clone()
+        out = generate_edge(lab.cuda())
+        assert out.device.type == "cuda" and out.dtype == torch.int64 and out.shape == lab.shape
+        ref = generate_edge(lab)
+        torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+        if lab.numel() <= 2000:
+            torch.testing.assert_close(out.cpu(), edge_reference_steps(lab), rtol=0, atol=0)
+        torch.testing.assert_close(lab, before, rtol=0, atol=0)
+    big = blobby_labels(3, 26, 31, seed=12, dtype=dtype)
+    bigc = big.cuda()
+    for view in _cuda_edge_views(bigc):
+        torch.testing.assert_close(generate_edge(view).cpu(),
+                                   edge_reference_steps(view.cpu().contiguous()), rtol=0, atol=0)
+    one = blobby_labels(1, 9, 10, seed=13, dtype=dtype).cuda().expand(3, 9, 10)
+    torch.testing.assert_close(generate_edge(one).cpu(),
+                               edge_reference_steps(one.cpu().contiguous()), rtol=0, atol=0)
+    # 2-D input keeps its shape
+    torch.testing.assert_close(generate_edge(bigc[0]).cpu(), generate_edge(big[0]), rtol=0,
+                               atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_generate_edge_special_inputs():
+    for lab in (torch.full((2, 7, 9), 255, dtype=torch.uint8),
+                torch.full((2, 6, 5), 7, dtype=torch.int64)):
+        assert generate_edge(lab.cuda()).sum().item() == 0
+    lab = torch.full((1, 5, 6), 255, dtype=torch.int64)
+    lab[0, 2, 2], lab[0, 2, 3] = 1, 2
+    expect = torch.zeros(1, 5, 6, dtype=torch.int64)
+    expect[0, 1:4, 1:4] = 1
+    torch.testing.assert_close(generate_edge(lab.cuda()).cpu(), expect, rtol=0, atol=0)
+    lab = torch.tensor([[[300, 300, -1], [300, 44, 255]]], dtype=torch.int64)
+    torch.testing.assert_close(generate_edge(lab.cuda()).cpu(), edge_reference_steps(lab),
+                               rtol=0, atol=0)
+    for shape, dt in (((0, 4, 4), torch.uint8), ((2, 0, 4), torch.int64),
+                      ((1, 3, 0), torch.int32)):
+        out = generate_edge(torch.zeros(shape, dtype=dt, device="cuda"))
+        assert out.shape == shape and out.dtype == torch.int64 and out.device.type == "cuda"
+    with pytest.raises(TypeError, match="integer labels"):
+        generate_edge(torch.zeros(1, 4, 4, device="cuda"))
+    with pytest.raises(ValueError, match="edge_width=3"):
+        generate_edge(torch.zeros(1, 4, 4, dtype=torch.uint8, device="cuda"), 5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_cuda_edge_loss_matches_reference(dtype, label_dtype):
+    g = torch.Generator().manual_seed(1)
+    lab = blobby_labels(2, 119, 97, seed=3)
+    edges = generate_edge(lab)
+    z = torch.randn(2, 2, 31, 25, generator=g).to(dtype)
+    zr = z.double().requires_grad_()
+    ref = edge_loss_reference(zr, edges)
+    gr, = torch.autograd.grad(ref, zr)
+    e_cuda = edges.to("cuda", label_dtype)
+    for layout in ("contiguous", "channels_last", "sliced"):
+        zc = z.cuda()
+        if layout == "channels_last":
+            zc = zc.contiguous(memory_format=torch.channels_last)
+        elif layout == "sliced":
+            zc = torch.stack([zc, zc], -1)[..., 0]  # same values, strided
+        za = zc.clone().requires_grad_()
+        got = edge_loss(za, e_cuda)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got.detach().cpu().double(), ref.detach(), atol=tol, rtol=tol)
+        ga, = torch.autograd.grad(got, za)
+        assert ga.dtype == dtype
+        gtol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+        s = float(gr.abs().max())
+        torch.testing.assert_close(ga.cpu().double() / s, gr / s, atol=gtol, rtol=gtol)
+
+
+@pytest.mark.cuda
+def test_cuda_edge_loss_no_edges_is_zero():
+    z = torch.randn(1, 2, 4, 4, device="cuda", requires_grad=True)
+    loss = edge_loss(z, torch.zeros(1, 9, 9, dtype=torch.int64, device="cuda"))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.cuda
+def test_cuda_generate_edge_and_edge_loss_no_host_sync():
+    lab = blobby_labels(2, 121, 117, seed=5, dtype=torch.uint8).cuda()
+    z = torch.randn(2, 2, 31, 30, device="cuda")
+
+    def step():
+        edges = generate_edge(lab)
+        za = z.clone().requires_grad_()
+        loss = edge_loss(za, edges)
+        loss.backward()
+        return edges, loss, za.grad
+
+    ref = step()  # warm-up (Triton compile, bilinear tables)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_generate_edge_opcheck_and_compile():
+    for dtype in (torch.uint8, torch.int64):
+        lab = blobby_labels(2, 9, 10, seed=1, dtype=dtype).cuda()
+        torch.library.opcheck(torch.ops.lipfast.generate_edge.default, (lab, 3))
+    torch._dynamo.reset()
+
+    def f(lab):
+        return generate_edge(lab).sum(dim=(1, 2))
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    lab = blobby_labels(2, 12, 7, seed=16, dtype=torch.uint8)
+    torch.testing.assert_close(cf(lab.cuda()).cpu(), edge_reference(lab).sum(dim=(1, 2)))

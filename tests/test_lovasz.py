@@ -464,3 +464,196 @@ def test_double_backward_raises():
         torch.autograd.grad((g * g).sum(), xr)
     (g2,) = torch.autograd.grad(lovasz_softmax(xr, y), xr)
     assert not g2.requires_grad
+
+
+# --------------------------------------------------------------------------- CUDA
+# The CUDA op (torch.sort + the Triton Jaccard kernel; float64: the PyTorch
+# path) against ref_lovasz on a float64 CPU copy of the same (rounded) inputs.
+# Tolerances: float32 math for every non-float64 input; the loss has the
+# input's dtype (1e-5 for float32, 1e-2 for half types: one rounding), the
+# gradient is compared relative to its largest entry (1e-4 float32: float32
+# errors may reorder near-tied pixels; 1e-2 half types).
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def _cuda_compare(x, y, **kw):
+    """x, y on CUDA; returns (loss, grad) after checking them against the reference."""
+    x0, y0 = x.clone(), y.clone()
+    xa = x.detach().clone().requires_grad_(True)
+    la = lovasz_softmax(xa, y, **kw)
+    assert la.dtype == x.dtype and la.shape == () and la.device.type == "cuda"
+    xr = x.detach().cpu().double().requires_grad_(True)
+    lr = ref_lovasz(xr, y.cpu(), **kw)
+    (ga,) = torch.autograd.grad(la, xa, torch.tensor(1.7, device="cuda", dtype=la.dtype))
+    (gr,) = torch.autograd.grad(lr, xr, torch.tensor(1.7, dtype=torch.float64))
+    assert ga.dtype == x.dtype and ga.shape == x.shape
+    ltol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(x.dtype, 1e-2)
+    torch.testing.assert_close(la.detach().cpu().double(), lr.detach(), atol=ltol, rtol=0)
+    gtol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(x.dtype, 1e-2)
+    s = max(float(gr.abs().max()), 1e-30)
+    torch.testing.assert_close(ga.cpu().double() / s, gr / s, atol=gtol, rtol=0)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    return la, ga
+
+
+def _cuda_tie_free_probs(y, c, seed=0):
+    """B x C x H x W 'probabilities' k/256 (exact in float16/bfloat16) whose errors
+    |fg - p| are distinct within each class: no ties in the sort (<= 255 pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    lab = y.long().reshape(-1)
+    assert lab.numel() <= 255
+    cols = []
+    for k in range(c):
+        e = (torch.randperm(255, generator=g)[: lab.numel()] + 1).double() / 256
+        cols.append(torch.where(lab == k, 1 - e, e))
+    b, h, w = y.shape
+    return torch.stack(cols, 0).reshape(c, b, h, w).transpose(0, 1).contiguous()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_cuda_matches_reference(dtype, label_dtype):
+    for shape in [(2, 6, 33, 31), (1, 20, 41, 37), (3, 2, 5, 7), (1, 3, 1, 1)]:
+        x, y = _data(*shape, seed=sum(shape), label_dtype=label_dtype)
+        x, y = x.to("cuda", dtype), y.cuda()
+        for per_image in (False, True):
+            for classes in CLASSES:
+                if max(c for c in (classes if isinstance(classes, list) else [0])) >= shape[1]:
+                    continue
+                _cuda_compare(x, y, classes=classes, per_image=per_image)
+        if dtype in (torch.float32, torch.float64):  # probabilities
+            p = torch.softmax(x.float(), 1).to(dtype)
+            _cuda_compare(p, y, from_logits=False)
+            _cuda_compare(p, y, from_logits=False, per_image=True, classes="all")
+    # half-type probabilities: rounded softmax values tie, and tied errors may be
+    # ordered differently from torch.sort (same loss, different per-pixel gradient);
+    # exact tie-free probabilities instead
+    _, y = _data(2, 4, 7, 9, seed=5, label_dtype=label_dtype)
+    p = _cuda_tie_free_probs(y, 4).to("cuda", dtype)
+    for per_image in (False, True):
+        for classes in ("present", "all", [3, 1, 1]):
+            _cuda_compare(p, y.cuda(), from_logits=False, per_image=per_image, classes=classes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_strided_inputs(dtype):
+    x, y = _data(2, 7, 19, 23, seed=3)
+    x, y = x.to("cuda", dtype), y.cuda()
+    ref = _cuda_compare(x, y)
+    for xx in (x.contiguous(memory_format=torch.channels_last), torch.stack([x, x], -1)[..., 0]):
+        for yy in (y, y.transpose(1, 2).contiguous().transpose(1, 2)):
+            got = _cuda_compare(xx, yy)
+            torch.testing.assert_close(got[0], ref[0])
+            torch.testing.assert_close(got[1], ref[1])
+
+
+@pytest.mark.cuda
+def test_cuda_ignored_pixels_edge_cases():
+    x, y = _data(2, 4, 9, 8, seed=21)
+    x, y = x.cuda().float(), y.cuda()
+    # every pixel ignored: 0, zero gradient, no NaN
+    xa = x.clone().requires_grad_(True)
+    loss = lovasz_softmax(xa, torch.full_like(y, 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(xa.grad).item() == 0
+    # one image fully ignored, per_image: it contributes 0 to the mean
+    y2 = y.clone()
+    y2[1] = 255
+    _cuda_compare(x, y2, per_image=True)
+    _cuda_compare(x, y2, per_image=False)
+    # a single valid pixel; ignore_index inside the class range
+    y3 = torch.full_like(y, 255)
+    y3[0, 4, 4] = 2
+    _cuda_compare(x, y3)
+    _cuda_compare(x, y.clamp(max=3), ignore_index=1)
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_float64():
+    x, y = _data(2, 3, 3, 4, seed=13)
+    x, y = x.cuda().requires_grad_(True), y.cuda()
+    for per_image in (False, True):
+        for classes in ("present", [1, 2]):
+            assert torch.autograd.gradcheck(
+                lambda t: lovasz_softmax(t, y, classes=classes, per_image=per_image), (x,),
+                eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_no_host_sync(dtype):
+    """'present' and 'all' (an explicit class list is copied to the device once per
+    call and is not covered here), forward and backward under sync debug mode."""
+    x, y = _data(2, 20, 61, 59, seed=4, label_dtype=torch.uint8)
+    x, y = x.to("cuda", dtype), y.cuda()
+
+    def step():
+        xa = x.clone().requires_grad_(True)
+        loss = (lovasz_softmax(xa, y) + lovasz_softmax(xa, y, classes="all", per_image=True)
+                + lovasz_softmax(torch.softmax(xa.float(), 1), y, from_logits=False))
+        loss.backward()
+        return loss, xa.grad
+
+    ref = step()  # warm-up (Triton compile)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_and_opcheck():
+    x, y = _data(2, 4, 5, 3, seed=14, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        la = lovasz_softmax(x, y)
+    assert la.dtype == torch.float32
+    torch.testing.assert_close(la, lovasz_softmax(x, y))
+    xg = x.clone().requires_grad_(True)
+    for classes, present in ((list(range(4)), True), ([0, 3], False)):
+        for per_image in (False, True):
+            torch.library.opcheck(torch.ops.lipfast.lovasz_softmax_loss.default,
+                                  (xg, y.to(torch.uint8), classes, present, per_image, 255,
+                                   True))
+
+    def f(t, lab):
+        return lovasz_softmax(t, lab) + lovasz_softmax(t, lab, per_image=True)
+
+    xa = x.clone().requires_grad_(True)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(xa, y)
+    got.backward()
+    xb = x.clone().requires_grad_(True)
+    f(xb, y).backward()
+    torch.testing.assert_close(got, f(x, y))
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_label_in_child_process():
+    # device-side assert (torch._assert_async): poisons the CUDA context, so in a child
+    code = (
+        "import torch, lipfast\n"
+        "from lipfast.losses import lovasz_softmax\n"
+        "x = torch.randn(2, 5, 9, 7, device='cuda')\n"
+        "y = torch.randint(0, 5, (2, 9, 7), device='cuda', dtype=torch.uint8)\n"
+        "lovasz_softmax(x, y)\n"
+        "torch.cuda.synchronize()\n"
+        "y[1, 2, 3] = 7\n"
+        "torch.cuda.set_sync_debug_mode('error')\n"
+        "loss = lovasz_softmax(x, y)\n"
+        "torch.cuda.set_sync_debug_mode(0)\n"
+        "print('launched', flush=True)\n"
+        "loss.item()\n"
+        "print('no error', flush=True)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "launched" in r.stdout and "no error" not in r.stdout, (
+        r.stdout, r.stderr)
+    assert "assert" in r.stderr.lower(), r.stderr

@@ -553,3 +553,226 @@ def test_cuda_glue_on_cpu_tensors():
         confusion._cuda_count(x, lab, 5, IGN, True, None)
     with pytest.raises(RuntimeError, match="outside"):
         confusion._cuda_count(x.double(), lab, 5, IGN, True, None)
+
+
+# ------------------------------------------------------------------ CUDA
+# The CUDA op (Triton kernel; float64 logits: the PyTorch path) against numpy
+# bincount of torch.argmax (same-size logits, predictions: exact) and against
+# F.interpolate + argmax for the fused resize (float64: exact; float32/half:
+# differences only at near-ties through FMA contraction, at most 8 pixels, as
+# the CPU test allows).
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def _cuda_views(x):
+    """Same values as contiguous, channels_last and a sliced (non-contiguous) view."""
+    b, c, h, w = x.shape
+    big = torch.randn(b, c + 2, h + 1, 2 * w, dtype=x.dtype, device=x.device)
+    big[:, 1:c + 1, :h, ::2] = x
+    view = big[:, 1:c + 1, :h, ::2]
+    assert not view.is_contiguous()
+    return [x, x.contiguous(memory_format=torch.channels_last), view]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c", [2, 20, 70])
+@pytest.mark.parametrize("ldt", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_logits_and_predictions_exact(c, ldt, dtype):
+    for b, h, w in [(2, 7, 9), (1, 1, 1), (3, 13, 1), (2, 119, 97)]:
+        x, y = make(b, c, h, w, dtype=torch.float32, ldt=ldt, seed=c + h)
+        x, y = x.to("cuda", dtype), y.cuda()
+        x0, y0 = x.clone(), y.clone()
+        ref = np_cm(x.float().argmax(1).cpu(), y.cpu(), c)
+        for xx in _cuda_views(x):
+            cm = M.confusion_matrix(xx, y, c)
+            assert cm.device.type == "cuda" and cm.dtype == torch.int64
+            assert torch.equal(cm.cpu(), ref)
+        yt = y.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous labels
+        assert torch.equal(M.confusion_matrix(x, yt, c).cpu(), ref)
+        for pdt in (torch.uint8, torch.int64, torch.int32):
+            if pdt == torch.uint8 and c > 255:
+                continue
+            pred = x.float().argmax(1).to(pdt)
+            assert torch.equal(M.confusion_matrix(pred, y, c).cpu(), ref)
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+@pytest.mark.cuda
+def test_cuda_ties_nan_ignore():
+    x = torch.zeros(2, 6, 5, 7, device="cuda")
+    x[:, 2] = 1.0
+    x[:, 4] = 1.0  # tie: first maximum
+    x[0, :, 0, 0] = 0.0
+    x[1, :, 1, 1] = float("-inf")
+    x[0, 3, 2, :] = float("nan")
+    x[0, 1, 2, :3] = float("nan")
+    y = torch.randint(0, 6, (2, 5, 7), device="cuda")
+    y[1, 4] = IGN
+    ref = np_cm(x.cpu().argmax(1), y.cpu(), 6)
+    for xx in _cuda_views(x):
+        assert torch.equal(M.confusion_matrix(xx, y, 6).cpu(), ref)
+    y2 = y.clamp(max=5)
+    assert torch.equal(M.confusion_matrix(x, y2, 6, ignore_index=2).cpu(),
+                       np_cm(x.cpu().argmax(1), y2.cpu(), 6, 2))
+    y3 = torch.full_like(y, IGN)
+    assert M.confusion_matrix(x, y3, 6).sum().item() == 0
+    e = M.confusion_matrix(torch.zeros(0, 4, 5, 6, device="cuda"),
+                           torch.zeros(0, 5, 6, dtype=torch.long, device="cuda"), 4)
+    assert e.device.type == "cuda" and e.sum().item() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", RESIZE_SHAPES + [(4, 20, 30, 30, 119, 119)])
+@pytest.mark.parametrize("ldt", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_fused_resize(shape, ldt, dtype):
+    b, c, h, w, hh, ww = shape
+    x, _ = make(b, c, h, w, seed=hh)
+    _, y = make(b, c, hh, ww, seed=ww, ldt=ldt)
+    x = x.to(dtype)
+    up = F.interpolate(x.double(), (hh, ww), mode="bilinear", align_corners=True)
+    ref = np_cm(up.argmax(1), y, c)
+    cpu = M.confusion_matrix(x.float() if dtype == torch.bfloat16 else x, y, c, resize=True)
+    xc, yc = x.cuda(), y.cuda()
+    for xx in _cuda_views(xc):
+        got = M.confusion_matrix(xx, yc, c, resize=True).cpu()
+        assert got.sum() == ref.sum()
+        if dtype == torch.float64:
+            assert torch.equal(got, ref)
+        else:  # float32 interpolation (half types are read as float32), near-ties only
+            assert (got - ref).abs().sum() <= 8
+            assert (got - cpu).abs().sum() <= 8
+
+
+@pytest.mark.cuda
+def test_cuda_out_accumulates_in_place():
+    x, y = make(2, 5, 6, 7, dtype=torch.float32)
+    x2, y2 = make(3, 5, 6, 7, seed=9)
+    x, y, x2, y2 = x.cuda(), y.cuda(), x2.cuda(), y2.cuda()
+    out = torch.full((5, 5), 3, dtype=torch.int64, device="cuda")
+    ptr = out.data_ptr()
+    r = M.confusion_matrix(x, y, 5, out=out)
+    r = M.confusion_matrix(x2.argmax(1), y2, 5, out=r)
+    assert r is out and out.data_ptr() == ptr
+    ref = 3 + np_cm(x.cpu().argmax(1), y.cpu(), 5) + np_cm(x2.cpu().argmax(1), y2.cpu(), 5)
+    assert torch.equal(out.cpu(), ref)
+    big = torch.zeros(5, 10, dtype=torch.int64, device="cuda")
+    M.confusion_matrix(x.double(), y, 5, out=big[:, ::2])  # PyTorch path, strided out
+    assert torch.equal(big[:, ::2].cpu(), np_cm(x.cpu().argmax(1), y.cpu(), 5))
+    assert big[:, 1::2].sum().item() == 0
+    with pytest.raises(ValueError, match="out on"):
+        M.confusion_matrix(x, y, 5, out=torch.zeros(5, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="input on"):
+        M.confusion_matrix(x, y.cpu(), 5)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync():
+    x, _ = make(2, 20, 30, 30, dtype=torch.float32, seed=3)
+    _, y = make(2, 20, 119, 119, seed=4, ldt=torch.uint8)
+    x, y = x.cuda(), y.cuda()
+    m = M.ParsingMetrics(device="cuda")
+
+    def step():
+        cm = M.confusion_matrix(x, y, 20, resize=True)
+        M.confusion_matrix(x.bfloat16(), y, 20, out=cm, resize=True)
+        M.confusion_matrix(x[:, :, :, :].argmax(1), y[:, :30, :30], 20, out=cm)
+        m.update(x, y)
+        m.update(x.argmax(1).to(torch.uint8), y[:, :30, :30])
+        return cm
+
+    ref = step().clone()  # warm-up (Triton compile)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got, ref)
+    assert m.num_images == 8
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c", [2, 20])
+def test_cuda_parsing_metrics_equal_cpu(c):
+    mg = M.ParsingMetrics(num_classes=c, class_names=None)
+    mc = M.ParsingMetrics(num_classes=c, class_names=None)
+    for seed in range(3):
+        x, _ = make(2, c, 9, 8, seed=seed, dtype=torch.float64)
+        _, y = make(2, c, 33, 29, seed=seed + 10, ldt=torch.uint8)
+        p = x.argmax(1)
+        # float64 logits (exact fused resize on both devices) and predictions
+        mg.update(x.cuda(), y.cuda())
+        mc.update(x, y)
+        mg.update(p.cuda(), p.to(torch.uint8).cuda())
+        mc.update(p, p.to(torch.uint8))
+    assert mg.matrix.device.type == "cuda"
+    rg, rc = mg.compute(), mc.compute()
+    assert torch.equal(rg["confusion_matrix"], rc["confusion_matrix"])
+    assert rg["num_images"] == rc["num_images"] == 12
+    for k in ("pixel_acc", "mean_acc", "miou"):
+        assert rg[k] == rc[k]
+    assert torch.equal(rg["iou"], rc["iou"])
+    assert mg.table() == mc.table()
+    # state round trip from a CUDA matrix
+    sd = mg.state_dict()
+    m2 = M.ParsingMetrics(num_classes=c, class_names=None)
+    m2.load_state_dict(sd)
+    assert torch.equal(m2.matrix.cpu(), mc.matrix)
+    # float32 logits with the fused resize: near-ties only
+    x, _ = make(2, c, 30, 30, seed=7, dtype=torch.float32)
+    _, y = make(2, c, 119, 119, seed=8)
+    mg.reset()
+    mc.reset()
+    mg.update(x.cuda(), y.cuda())
+    mc.update(x, y)
+    d = (mg.compute()["confusion_matrix"] - mc.compute()["confusion_matrix"]).abs().sum()
+    assert d <= 8
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    x, y = make(2, 5, 6, 7, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    lab = torch.randint(0, 5, (2, 11, 9), dtype=torch.uint8, device="cuda")
+    for args in ((x, y, 5, IGN, False), (x, lab, 5, IGN, True), (x.argmax(1), y, 5, IGN, False)):
+        torch.library.opcheck(torch.ops.lipfast.confusion_matrix.default, args)
+        torch.library.opcheck(torch.ops.lipfast.confusion_matrix_accumulate.default,
+                              args + (torch.zeros(5, 5, dtype=torch.int64, device="cuda"),))
+
+    def f(logits, labels, out):
+        M.confusion_matrix(logits * 2, labels, 5, out=out, resize=True)
+        return M.confusion_matrix(logits, labels, 5, resize=True) + 1
+
+    out_c = torch.zeros(5, 5, dtype=torch.int64, device="cuda")
+    out_e = torch.zeros(5, 5, dtype=torch.int64, device="cuda")
+    r = torch.compile(f, backend="aot_eager", fullgraph=True)(x, lab, out_c)
+    e = f(x, lab, out_e)
+    assert torch.equal(r, e) and torch.equal(out_c, out_e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["label", "prediction", "label_float64"])
+def test_cuda_bad_values_in_child_process(case):
+    # a device-side assert poisons the CUDA context: checked in a child process
+    dt = "torch.float64" if case == "label_float64" else "torch.float32"
+    bad = ("y[1, 2, 3] = 7" if case != "prediction" else "x = x.argmax(1); x[0, 0, 0] = 5")
+    code = (
+        "import torch, lipfast\n"
+        "from lipfast import metrics as M\n"
+        f"x = torch.randn(2, 5, 6, 7, device='cuda', dtype={dt})\n"
+        "y = torch.randint(0, 5, (2, 6, 7), device='cuda', dtype=torch.uint8)\n"
+        "M.confusion_matrix(x, y, 5)\n"
+        "torch.cuda.synchronize()\n"
+        f"{bad}\n"
+        "cm = M.confusion_matrix(x, y, 5)\n"
+        "print('launched', flush=True)\n"
+        "cm.cpu()\n"
+        "print('no error', flush=True)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "launched" in r.stdout and "no error" not in r.stdout, (
+        r.stdout, r.stderr)
+    assert "assert" in r.stderr.lower(), r.stderr

@@ -316,3 +316,141 @@ def test_op_lse_output(regions, dtype, cpu_impl):
         ref[:, r0:r1, c0:c1] = torch.logsumexp(torch.einsum("bcn,bcm->bnm", xr, xr) * 0.5,
                                                -1).reshape(2, r1 - r0, c1 - c0)
     torch.testing.assert_close(lse.double(), ref.flatten(1), **tol(dtype))
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the registered op (Triton kernels; float64 -> tiled PyTorch path)
+# against the float64 reference. float32 with TF32 off (tl.dot in "ieee"
+# precision, see lipfast.kernels.oc_attention.dot_precision): tol(float32);
+# half types: tol(float16/bfloat16), relative to the tensor's largest entry.
+
+
+@pytest.fixture
+def _cuda_no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _cuda_check_op(qk, v, do, scale, regions, dtype):
+    q = qk.clone().requires_grad_()
+    vv = v.clone().requires_grad_()
+    out = oc_attention(q, vv, scale, regions)
+    assert out.dtype == v.dtype and out.device.type == "cuda"
+    assert out.shape == (qk.shape[0], v.shape[1], *qk.shape[2:])
+    dq, dvv = torch.autograd.grad(out, (q, vv), do)
+    assert dq.dtype == dtype and dvv.dtype == dtype
+    ref_out, ref_dq, ref_dv = reference_grads(qk.cpu(), v.cpu(), do.cpu(), scale, regions)
+    for name, got, ref in (("out", out, ref_out), ("dqk", dq, ref_dq), ("dv", dvv, ref_dv)):
+        s = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(got.detach().double().cpu() / s, ref / s, **tol(dtype),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+CUDA_CASES = [
+    # b, dk, dv, h, w, regions
+    (2, 6, 6, 7, 9, 0),
+    (1, 5, 11, 13, 11, 0),  # dk != dv, N not a multiple of a tile
+    (2, 4, 7, 13, 11, 3),  # unequal pyramid regions
+    (1, 3, 5, 17, 17, 6),  # 6 x 6 regions, remainder in the last row/column
+    (2, 8, 4, 5, 6, 1),
+    (2, 64, 128, 30, 30, 0),  # CE2P/ASP-OC-like widths, N = 900
+    (1, 32, 64, 37, 41, 2),
+    (1, 256, 256, 9, 11, 0),  # wide channels (several channel chunks)
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_op_cases(case, dtype, _cuda_no_tf32):
+    b, dk, dv, h, w, regions = case
+    qk, v, do = inputs(b, dk, dv, h, w, dtype, device="cuda", seed=h)
+    _cuda_check_op(qk, v, do, dk ** -0.5, regions, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_op_strided_inputs(layout, dtype, _cuda_no_tf32):
+    qk, v, do = inputs(2, 24, 40, 19, 17, dtype, device="cuda", layout=layout)
+    assert not qk.is_contiguous() or not v.is_contiguous()
+    do = do.transpose(2, 3).contiguous().transpose(2, 3)  # strided output gradient too
+    for regions in (0, 3):
+        _cuda_check_op(qk, v, do, 0.2, regions, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_op_tf32_default_close():
+    # with TF32 allowed (a common training setting) the float32 result stays close
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        qk, v, do = inputs(2, 64, 96, 23, 19, torch.float32, device="cuda")
+        ref_out = oc_attention_reference(qk.double().cpu(), v.double().cpu(), 0.125)
+        out = oc_attention(qk, v, 0.125)
+        torch.testing.assert_close(out.double().cpu(), ref_out, rtol=2e-2, atol=2e-2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_op_no_host_sync(dtype):
+    qk, v, do = inputs(2, 32, 48, 29, 31, dtype, device="cuda")
+
+    def step():
+        q = qk.clone().requires_grad_()
+        vv = v.clone().requires_grad_()
+        out = oc_attention(q, vv, None, 0) + oc_attention(q, vv, None, 3)
+        out.backward(do)
+        return out, q.grad, vv.grad
+
+    ref = step()  # warm-up: Triton compile, region tables built and cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_op_bad_input():
+    qk, v, _ = inputs(1, 4, 6, 5, 7, torch.float32, device="cuda")
+    with pytest.raises(TypeError, match="dtype"):
+        oc_attention(qk, v.double())
+    with pytest.raises(ValueError, match="on"):
+        oc_attention(qk, v.cpu())
+    with pytest.raises(ValueError, match="do not fit"):
+        oc_attention(qk, v, 0.5, 6)
+    with pytest.raises(ValueError, match="finite"):
+        oc_attention(qk, v, float("nan"))
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile(_cuda_no_tf32):
+    qk, v, do = inputs(2, 5, 6, 7, 9, torch.float32, device="cuda")
+    for regions in (0, 3):
+        torch.library.opcheck(torch.ops.lipfast.oc_attention.default,
+                              (qk.clone().requires_grad_(), v.clone().requires_grad_(), 0.4,
+                               regions))
+    out, lse = torch.ops.lipfast.oc_attention(qk, v, 0.4, 3)
+    torch.library.opcheck(torch.ops.lipfast.oc_attention_backward.default,
+                          (do, qk, v, out, lse, 0.4, 3))
+
+    def f(a, b):
+        return oc_attention(a, b, 0.4, 0) + oc_attention(a, b, 0.4, 2)
+
+    q1, v1 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q1, v1)
+    got.backward(do)
+    q2, v2 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = f(q2, v2)
+    ref.backward(do)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(q1.grad, q2.grad)
+    torch.testing.assert_close(v1.grad, v2.grad)

@@ -27,8 +27,10 @@ from lipfast import _train_utils
 from lipfast.data.synthetic import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lipfast.__file__)))  # for subprocesses
+# CPU even where a GPU is visible (the resume test is bitwise; cuDNN is not); the CUDA
+# tests at the end pass --device cuda after these (argparse keeps the last).
 TINY = ["--layers", "1,1,1,1", "--width-mult", "0.125", "--workers", "0", "--log-every", "1",
-        "--warmup-epochs", "0"]
+        "--warmup-epochs", "0", "--device", "cpu"]
 
 
 def _env():
@@ -408,8 +410,8 @@ def test_cuda_amp_train_step_and_evaluate(amp, data4, tmp_path):
 
     out = tmp_path / "run"
     t = main(["--data", str(data4), "--out", str(out), "--epochs", "1", "--batch-size", "2",
-              "--crop-size", "33", "--lr", "0.01", "--val-every", "1", "--device", "cuda",
-              "--amp", amp, *TINY])
+              "--crop-size", "33", "--lr", "0.01", "--val-every", "1",
+              "--amp", amp, *TINY, "--device", "cuda"])
     assert t.status == 0 and len(t.losses) == 2, t.losses
     assert all(np.isfinite(t.losses)), t.losses
     assert t.device.type == "cuda"

@@ -421,3 +421,184 @@ def test_double_backward_raises(weighted):
     # without create_graph the backward op builds no graph
     (g2,) = torch.autograd.grad(upsample_cross_entropy(xr, y, weight=wt), xr)
     assert not g2.requires_grad
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the registered op (Triton kernels; float64 -> tiled PyTorch path)
+# against the float64 CPU reference on the same (rounded) input values.
+# Tolerances: float32 math inside the op for float32/float16/bfloat16 logits,
+# so the loss is good to ~1e-6 relative whatever the input dtype; the gradient
+# has the logits' dtype, compared relative to its largest entry (1e-5 for
+# float32, 1e-2 for half types: one rounding to 8/11 mantissa bits).
+
+
+def _cuda_rel_close(got, ref, tol, name=""):
+    s = max(float(ref.abs().max()), 1e-30)
+    torch.testing.assert_close(got.detach().cpu().double() / s, ref.detach().double() / s,
+                               atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _cuda_check(x, y, weight=None, align_corners=True, reduction="mean", seed=0):
+    """CUDA op vs reference(float64 CPU copy): value, output dtype, gradient dtype and
+    value, inputs untouched."""
+    x0, y0 = x.clone(), y.clone()
+    xa = x.detach().clone().requires_grad_()
+    got = upsample_cross_entropy(xa, y, weight=weight, align_corners=align_corners,
+                                 reduction=reduction)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert got.device.type == "cuda" and got.dtype == acc
+    xr = x.detach().cpu().double().requires_grad_()
+    wr = None if weight is None else weight.cpu().double()
+    ref = reference(xr, y.cpu(), weight=wr, align_corners=align_corners, reduction=reduction)
+    ltol = 1e-10 if x.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.detach().cpu().double(), ref.detach(), atol=ltol, rtol=ltol)
+    gout = torch.randn(ref.shape, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))
+    ga, = torch.autograd.grad(got, xa, gout.to("cuda", got.dtype))
+    gr, = torch.autograd.grad(ref, xr, gout)
+    assert ga.dtype == x.dtype and ga.shape == x.shape
+    gtol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(x.dtype, 1e-2)
+    _cuda_rel_close(ga, gr, gtol, "grad")
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def _cuda_layouts(x):
+    """Contiguous, channels_last and a sliced (non-contiguous) view of the same values."""
+    sliced = torch.stack([x, x], -1)[..., 0]
+    assert not sliced.is_contiguous()
+    return {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "sliced": sliced}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_cuda_dtypes_layouts_labels(dtype, label_dtype):
+    for shape in [(2, 19, 31, 29, 121, 117), (1, 5, 7, 5, 25, 19), (2, 3, 9, 8, 5, 6),
+                  (1, 20, 1, 3, 5, 9)]:
+        b, c, h, w, hh, ww = shape
+        x, y = make(b, c, h, w, hh, ww, dtype=torch.float32, seed=h,
+                    label_dtype=label_dtype)
+        x, y = x.to("cuda", dtype), y.cuda()
+        for name, xx in _cuda_layouts(x).items():
+            _cuda_check(xx, y)
+        # non-contiguous labels
+        yt = y.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not yt.is_contiguous()
+        _cuda_check(x, yt, align_corners=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_weights_and_reductions(dtype, reduction):
+    x, y = make(2, 7, 13, 11, 50, 43, dtype=torch.float32, seed=3, ignore_frac=0.4)
+    x, y = x.to("cuda", dtype), y.cuda()
+    wt = torch.rand(7, device="cuda") + 0.1
+    if dtype == torch.float64:
+        wt = wt.double()
+    for ac in (True, False):
+        _cuda_check(x, y, weight=wt, align_corners=ac, reduction=reduction)
+
+
+@pytest.mark.cuda
+def test_cuda_all_ignored_and_autocast():
+    x, y = make(2, 5, 7, 5, 25, 19, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    xa = x.clone().requires_grad_()
+    loss = upsample_cross_entropy(xa, torch.full_like(y, IGN))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(xa.grad).item() == 0
+    # under autocast the op still computes in float32 and returns a float32 loss
+    ref = upsample_cross_entropy(x, y)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = upsample_cross_entropy(x, y)
+        got_h = upsample_cross_entropy(x.bfloat16(), y)
+    assert got.dtype == torch.float32 and got_h.dtype == torch.float32
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_h.double().cpu(), reference(x.bfloat16().double().cpu(),
+                                                                y.cpu()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_no_host_sync(dtype):
+    """Forward and backward (Triton path) under sync debug mode 'error'."""
+    x, y = make(2, 19, 31, 29, 121, 117, dtype=torch.float32, label_dtype=torch.uint8)
+    x, y = x.to("cuda", dtype), y.cuda()
+    wt = torch.rand(19, device="cuda") + 0.1
+
+    def step():
+        xa = x.clone().requires_grad_()
+        loss = (upsample_cross_entropy(xa, y, weight=wt)
+                + upsample_cross_entropy(xa, y, align_corners=False, reduction="sum"))
+        loss.backward()
+        return loss, xa.grad
+
+    ref_loss, ref_grad = step()  # warm-up: compiles, caches the bilinear tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, grad = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(loss, ref_loss)
+    assert torch.equal(grad, ref_grad)  # deterministic backward
+
+
+@pytest.mark.cuda
+def test_cuda_float64_bad_label_is_value_error():
+    # float64 runs the PyTorch path on CUDA: host check (documented sync), ValueError,
+    # no device assert (the CUDA context stays usable)
+    x, y = make(1, 4, 5, 6, 11, 9)
+    x, y = x.cuda(), y.cuda()
+    y[0, 2, 3] = 4
+    with pytest.raises(ValueError, match=r"label 4 outside \[0, 4\)"):
+        upsample_cross_entropy(x, y)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_bad_label_uint8_in_child_process():
+    # uint8 labels, a label above C (200) on the Triton path: device-side assert
+    code = (
+        "import torch, lipfast\n"
+        "from lipfast.losses import upsample_cross_entropy\n"
+        "x = torch.randn(2, 5, 7, 5, device='cuda', dtype=torch.bfloat16)\n"
+        "y = torch.randint(0, 5, (2, 25, 19), device='cuda', dtype=torch.uint8)\n"
+        "y[1, 3, 4] = 200\n"
+        "loss = upsample_cross_entropy(x, y)\n"
+        "print('launched', flush=True)\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error', flush=True)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "launched" in r.stdout and "no error" not in r.stdout, (
+        r.stdout, r.stderr)
+    assert "assert" in r.stderr.lower(), r.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    x, y = make(2, 3, 3, 4, 7, 6, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    wt = torch.rand(3, device="cuda")
+    for weight in (None, wt):
+        torch.library.opcheck(torch.ops.lipfast.upsample_ce.default,
+                              (x.clone().requires_grad_(), y, weight, IGN, True))
+    _, lse, _ = torch.ops.lipfast.upsample_ce(x, y, wt, IGN, False)
+    dnll = torch.randn(2, 7, 6, device="cuda")
+    torch.library.opcheck(torch.ops.lipfast.upsample_ce_backward.default,
+                          (dnll, x, y, wt, lse, IGN, False))
+
+    def f(t, lab):
+        return upsample_cross_entropy(t, lab, weight=wt) + 0.5 * upsample_cross_entropy(
+            t, lab, reduction="sum", align_corners=False)
+
+    xa = x.clone().requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(xa, y)
+    got.backward()
+    xr = x.clone().requires_grad_()
+    f(xr, y).backward()
+    torch.testing.assert_close(got, f(x, y))
+    torch.testing.assert_close(xa.grad, xr.grad)
