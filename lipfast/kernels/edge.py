@@ -21,7 +21,7 @@ import triton.language as tl
 @triton.jit
 def _load(lab, b_off, r, c, H, W, s_h, s_w, IGNORE: tl.constexpr):
     inb = (r >= 0) & (r < H) & (c >= 0) & (c < W)
-    return tl.load(lab + b_off + r * s_h + c * s_w, mask=inb, other=IGNORE).to(tl.int32)
+    return tl.load(lab + b_off + r * s_h + c * s_w, mask=inb, other=IGNORE).to(tl.int64)
 
 
 @triton.jit

@@ -227,7 +227,9 @@ def _lovasz_forward(x, labels, classes, present, per_image, ignore_index, from_l
         ls = lab.reshape(1, n)
     k_all = list(range(c))
     full = list(classes) == k_all
-    sel = None if full else torch.tensor(classes, dtype=torch.long, device=x.device)
+    # an explicit class list: one small host-to-device copy (never a device-to-host read)
+    sel = None if full else torch.tensor(classes, dtype=torch.long).to(x.device,
+                                                                       non_blocking=True)
     kk = len(classes)
     if not full:
         ps = ps.index_select(1, sel)  # S x K x N
