@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# GPU validation in one call (issue 7): on a machine with a CUDA torch, Triton,
-# nvcc and ninja (no internet needed):
-#   bash benchmarks/run_gpu.sh [OUTDIR]
+# GPU validation (issue 7): on a machine with a CUDA torch, Triton, nvcc and
+# ninja (no internet needed):
+#   bash benchmarks/run_gpu.sh [OUTDIR] [STAGE ...]
+# STAGEs (default: build tests bench memcheck, in this order; tests_cpu on request:
+# the non-GPU tests as CI runs them, Triton under the interpreter). The device
+# tool allows 10 minutes a command, so a session runs e.g. `... OUT build tests`,
+# then `... OUT bench`, then `... OUT memcheck` (the build stays between calls).
 # 1. builds lipfast._C with CUDA for the visible GPU's architecture,
 # 2. prints the CUDA kernels' resource report (registers, spills),
-# 3. runs the whole test suite with the GPU tests enabled,
+# 3. runs the GPU tests (pytest -m cuda; the rest run in CI and with tests_cpu),
 # 4. measures the device's ceilings (copy bandwidth, bf16 matmul),
 # 5. runs every benchmark at full size with --json,
 # 6. runs compute-sanitizer memcheck over the CUDA kernels' tests when available.
@@ -13,9 +17,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null || echo unknown-gpu)
 OUT=${1:-benchmarks/results/${gpu}-$(date +%Y-%m-%d)}
+shift || true
+STAGES=${*:-build tests bench memcheck}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 status="$OUT/status.txt"
-: > "$status"
+touch "$status"
 step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, record the exit code
   local name=$1; shift
   echo "== $name: $*"
@@ -48,19 +55,30 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(), "capability": torch.cuda.
 PY
 cat "$OUT/env.json"
 
-step build pip install --no-build-isolation --no-deps -e .
-step build_info python -c "import lipfast, json; print(json.dumps(lipfast.build_info()))"
-step resources bash -c "for f in csrc/ops/cuda/*.cu; do echo \$f; nvcc -std=c++20 -O3 -Xptxas -v -gencode=arch=compute_${sm},code=sm_${sm} -c \$f -o /dev/null 2>&1 | grep -E 'Function properties|registers|spill'; done"
-step tests python -m pytest tests -q -rs
-step ceilings python benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json"
-step bench_attn python benchmarks/attn.py --full --dtype both --json "$OUT/attn.json"
-step bench_abn python benchmarks/abn.py --full --json "$OUT/abn.json"
-step bench_abn_bf16 python benchmarks/abn.py --full --dtype bf16 --json "$OUT/abn-bf16.json"
-step bench_loss python benchmarks/loss.py --full --json "$OUT/loss.json"
-step bench_miou python benchmarks/miou.py --json "$OUT/miou.json"
-step bench_train_step python benchmarks/train_step.py --max-batch --json "$OUT/train_step.json"
-if command -v compute-sanitizer > /dev/null; then
+if want build; then
+  step build pip install --no-build-isolation --no-deps -e .
+  step build_info python -c "import lipfast, json; print(json.dumps(lipfast.build_info()))"
+  step resources bash -c "for f in csrc/ops/cuda/*.cu; do echo \$f; nvcc -std=c++20 -O3 -Xptxas -v -gencode=arch=compute_${sm},code=sm_${sm} -c \$f -o /dev/null 2>&1 | grep -E 'Function properties|registers|spill'; done"
+fi
+if want tests; then  # the GPU tests (Triton compiled for the device, CUDA kernels)
+  step tests_cuda python -m pytest tests -q -rs -m cuda --junitxml "$OUT/tests_cuda.xml"
+fi
+if want tests_cpu; then  # the rest, as CI runs it (Triton kernels on CPU tensors: interpreter)
+  step tests_cpu env TRITON_INTERPRET=1 python -m pytest tests -q -rs -m "not cuda" \
+    --junitxml "$OUT/tests_cpu.xml"
+fi
+if want bench; then
+  step ceilings python benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json"
+  step bench_attn python benchmarks/attn.py --full --dtype both --json "$OUT/attn.json"
+  step bench_abn python benchmarks/abn.py --full --json "$OUT/abn.json"
+  step bench_abn_bf16 python benchmarks/abn.py --full --dtype bf16 --json "$OUT/abn-bf16.json"
+  step bench_loss python benchmarks/loss.py --full --json "$OUT/loss.json"
+  step bench_miou python benchmarks/miou.py --json "$OUT/miou.json"
+  step bench_train_step python benchmarks/train_step.py --max-batch --json "$OUT/train_step.json"
+fi
+if want memcheck && command -v compute-sanitizer > /dev/null; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m cuda \
-    tests/test_abn.py tests/test_upsample_ce.py tests/test_edge.py tests/test_lovasz.py tests/test_metrics.py
+    tests/test_abn.py tests/test_upsample_ce.py tests/test_edge.py tests/test_metrics.py \
+    -k "not compile and not opcheck and not subprocess"
 fi
 echo "== done: $OUT"; cat "$status"

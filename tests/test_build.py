@@ -84,10 +84,14 @@ def test_jit_fallback_when_installed_module_does_not_load(tmp_path):
 
 @pytest.mark.slow
 def test_failed_jit_build_reports_compiler_output(tmp_path):
+    # a reduced copy of the sources (the module and one op) whose translation units
+    # include a header that does not exist: the compiler stops at once (a fatal error)
     broken = tmp_path / "csrc"
-    shutil.copytree(CSRC, broken)
-    with open(broken / "ops" / "abn.cpp", "a") as f:
-        f.write("\nthis_is_not_cpp lipfast_broken_marker;\n")
+    (broken / "ops").mkdir(parents=True)
+    shutil.copy(CSRC / "ops" / "abn.h", broken / "ops")
+    for name in ("lipfast.cpp", "ops/abn.cpp"):
+        text = (CSRC / name).read_text()
+        (broken / name).write_text('#include "lipfast_broken_marker.h"\n' + text)
     env = {"LIPFAST_FORCE_JIT": "1", "LIPFAST_CSRC_DIR": str(broken),
            "LIPFAST_CACHE_DIR": str(tmp_path / "cache")}
     res = run_python("import lipfast", env)
