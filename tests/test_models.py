@@ -410,3 +410,130 @@ def test_constants_and_exports():
     assert LIP_MEAN == (0.406, 0.456, 0.485) and LIP_STD == (0.225, 0.224, 0.229)
     assert lipfast.models.CE2P is CE2P
     assert callable(lipfast.patch)
+
+
+# ----------------------------------------------------------------- fused ReLU -> conv
+def _fused_pair(norm="inplace_abn", context="psp", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    fused = CE2P(num_classes=4, context=context, norm=norm, **TINY, **kw).to(dtype)
+    plain = CE2P(num_classes=4, context=context, norm=norm, fuse_relu_conv=False, **TINY,
+                 **kw).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def test_fuse_relu_conv_flag_defaults_and_keys():
+    for norm, default in (("inplace_abn_sync", True), ("inplace_abn", True),
+                          ("batchnorm", False)):
+        m = CE2P(num_classes=3, norm=norm, **TINY)
+        assert m.fuse_relu_conv is default
+        assert all(b.fuse_relu_conv is default for b in m.modules()
+                   if isinstance(b, lipfast.models.ce2p.Bottleneck))
+        off = CE2P(num_classes=3, norm=norm, fuse_relu_conv=False, **TINY)
+        assert list(off.state_dict()) == list(m.state_dict())
+        # The conv and ReLU modules stay plain torch modules.
+        assert type(m.conv2) is nn.Conv2d and type(m.layer1[0].conv3) is nn.Conv2d
+        assert isinstance(m.relu1, nn.ReLU) and isinstance(m.layer1[0].relu, nn.ReLU)
+    m.fuse_relu_conv = True
+    assert all(b.fuse_relu_conv for b in m.modules()
+               if isinstance(b, lipfast.models.ce2p.Bottleneck))
+    with pytest.raises(ValueError, match="fuse_relu_conv"):
+        CE2P(num_classes=3, fuse_relu_conv=1, **TINY)
+    with pytest.raises(ValueError, match="fuse_relu_conv"):
+        m.fuse_relu_conv = "yes"
+
+
+@pytest.mark.parametrize("norm", ["inplace_abn", "batchnorm"])
+def test_fused_relu_conv_matches_unfused_training(norm):
+    """float64, train mode, same weights and dropout seed: outputs, every parameter
+    gradient, the input gradient and the running statistics equal the unfused model."""
+    fused, plain = _fused_pair(norm=norm)
+    if norm == "batchnorm":
+        fused.fuse_relu_conv = True     # numerically identical there too
+    x = torch.randn(2, 3, 37, 43, dtype=torch.float64)
+    res = []
+    for m in (fused, plain):
+        m.train()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = m(xi)
+        g = torch.Generator().manual_seed(4)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
+                   for t in out[0] + out[1])
+        loss.backward()
+        res.append((out, xi.grad, {n: p.grad for n, p in m.named_parameters()},
+                    {n: b.clone() for n, b in m.named_buffers()}))
+    (o1, gx1, gp1, b1), (o2, gx2, gp2, b2) = res
+    for a, b in zip(o1[0] + o1[1], o2[0] + o2[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-12)
+    assert gp1.keys() == gp2.keys()
+    for n in gp1:
+        assert gp1[n] is not None, n
+        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-9, atol=1e-11, msg=n)
+    for n in b1:
+        torch.testing.assert_close(b1[n], b2[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_fused_relu_conv_autocast_bf16_cpu_matches_unfused():
+    fused, plain = _fused_pair(dtype=torch.float32, context="base_oc")
+    x = torch.randn(2, 3, 33, 33)
+    res = []
+    for m in (fused, plain.train()):
+        m.train()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+            loss = sum(o.float().square().mean() for o in out[0] + out[1])
+        loss.backward()
+        res.append((out, loss.detach(), m.layer2[0].conv2.weight.grad.clone(),
+                    m.conv2.weight.grad.clone(), m.conv1.weight.grad.clone()))
+    (o1, *r1), (o2, *r2) = res
+    for a, b in zip(o1[0] + o1[1], o2[0] + o2[1]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(r1, r2):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * float(b.abs().max()))
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves while fn() runs (parameters
+    included on both sides, each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def test_fused_relu_conv_saves_less_activation_memory():
+    """The fused forward saves exactly the ReLU outputs of the fused pairs less."""
+    fused, plain = _fused_pair(context="psp", dtype=torch.float32)
+    x = torch.randn(2, 3, 49, 49)
+    relu_bytes = []
+
+    def record(module, args, out):
+        relu_bytes.append(out.untyped_storage().nbytes())
+
+    hooks = [plain.relu1.register_forward_hook(record),
+             plain.relu2.register_forward_hook(record)]
+    hooks += [b.relu.register_forward_hook(record) for b in plain.modules()
+              if isinstance(b, lipfast.models.ce2p.Bottleneck)]
+    torch.manual_seed(3)
+    plain_bytes, out_p = _saved_bytes(lambda: plain.train()(x))
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(3)
+    fused_bytes, out_f = _saved_bytes(lambda: fused.train()(x))
+    n_blocks = sum(fused.layers)
+    assert len(relu_bytes) == 2 + 2 * n_blocks
+    assert sum(relu_bytes) > 0 and fused_bytes < plain_bytes
+    assert fused_bytes == plain_bytes - sum(relu_bytes)
+    for a, b in zip(out_f[0] + out_f[1], out_p[0] + out_p[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,18 @@ activations directly; under CPU autocast (bfloat16) lipfast's CPU norm kernels
 need float32, so hooks on each in-place norm hand it a float32 copy and cast
 its output back to the autocast dtype (one extra copy each way).
 
+Backbone memory (``fuse_relu_conv``, on by default with the in-place norms):
+where a backbone ReLU feeds a convolution directly (the stem's relu1 -> conv2
+and relu2 -> conv3, every Bottleneck's relu(bn1) -> conv2 and relu(bn2) ->
+conv3) the pair runs as :func:`lipfast.ops.relu_conv2d`, which saves the norm's
+output ``y`` (kept alive by the in-place norm anyway) instead of ``relu(y)`` and
+recomputes the ReLU in backward: one activation-sized tensor less per pair, the
+same values and gradients. The modules (``relu``, ``relu1``, ``relu2``,
+``conv*``) and state_dict keys stay as they are; only ``forward`` changes (so
+forward hooks on those ReLU modules do not fire while fused). relu3 feeds the
+max-pool and stays a plain ReLU. With ``norm="batchnorm"`` the plain ReLU +
+conv runs (BatchNorm saves its input, so the fusion would not save anything).
+
 Input: B x 3 x H x W, BGR in [0, 1] normalised with :data:`LIP_MEAN` /
 :data:`LIP_STD` (SCHP's ImageNet settings). Differences from upstream: none in
 the computation; the ReLUs after the backbone norms are out of place (required
@@ -69,6 +81,7 @@ import torch.nn.functional as F
 
 from ..nn.abn import InPlaceABN, InPlaceABNSync
 from ..nn.oc import ASPOCModule, BaseOCModule, PyramidOCModule
+from ..ops.relu_conv import relu_conv2d
 
 __all__ = ["CE2P", "Bottleneck", "BatchNormAct", "LIP_MEAN", "LIP_STD", "CONTEXTS", "NORMS"]
 
@@ -131,19 +144,33 @@ def _back_to_autocast_dtype(module: nn.Module, args, output):
     return None
 
 
+def _relu_conv(fuse: bool, relu: nn.Module, conv: nn.Conv2d, y: torch.Tensor) -> torch.Tensor:
+    """``conv(relu(y))``; with ``fuse`` as :func:`lipfast.ops.relu_conv2d` (saves ``y``,
+    which the in-place norm in front keeps anyway, instead of ``relu(y)``)."""
+    if not fuse:
+        return conv(relu(y))
+    return relu_conv2d(y, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                       conv.groups)
+
+
 def _up(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 class Bottleneck(nn.Module):
     """ResNet bottleneck (expansion 4) with SCHP's attribute names; the stride is on
-    the 3x3 convolution, ``dilation`` on the 3x3 too."""
+    the 3x3 convolution, ``dilation`` on the 3x3 too. ``fuse_relu_conv`` (attribute,
+    may be changed at any time): run relu -> conv2 and relu -> conv3 as
+    :func:`lipfast.ops.relu_conv2d` (same values and gradients, less memory after an
+    in-place norm)."""
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None, norm: Callable[[int], nn.Module] = None):
+                 downsample: nn.Module | None = None, norm: Callable[[int], nn.Module] = None,
+                 fuse_relu_conv: bool = False):
         super().__init__()
+        self.fuse_relu_conv = bool(fuse_relu_conv)
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=dilation,
@@ -158,9 +185,10 @@ class Bottleneck(nn.Module):
         self.dilation = dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fuse = self.fuse_relu_conv
+        out = _relu_conv(fuse, self.relu, self.conv2, self.bn1(self.conv1(x)))
+        out = _relu_conv(fuse, self.relu, self.conv3, self.bn2(out))
+        out = self.bn3(out)
         residual = x if self.downsample is None else self.downsample(x)
         return self.relu_inplace(out + residual)  # the sum is a fresh tensor
 
@@ -254,6 +282,11 @@ class CE2P(nn.Module):
         norm: ``"inplace_abn_sync"``, ``"inplace_abn"`` or ``"batchnorm"``.
         layers: Bottleneck counts of layer1..4 (ResNet-101: ``(3, 4, 23, 3)``).
         width_mult: factor on every hidden width (``max(1, round(c * width_mult))``).
+        fuse_relu_conv: run the backbone's ReLU -> conv pairs as
+            :func:`lipfast.ops.relu_conv2d` (same values and gradients; autograd keeps
+            the in-place norm's output instead of the ReLU output). ``None``
+            (default): on for the in-place norms, off for ``"batchnorm"`` (BatchNorm
+            saves its input, so there it would save nothing). Also an attribute.
 
     ``forward(x)`` (B x 3 x H x W) returns ``[[parsing, fusion], [edge]]``:
     B x num_classes x h x w twice and B x 2 x h x w, h x w = layer1's size
@@ -262,7 +295,7 @@ class CE2P(nn.Module):
 
     def __init__(self, num_classes: int = 20, context: str = "psp", output_stride: int = 16,
                  norm: str = "inplace_abn_sync", layers: Sequence[int] = (3, 4, 23, 3),
-                 width_mult: float = 1.0):
+                 width_mult: float = 1.0, fuse_relu_conv: bool | None = None):
         super().__init__()
         num_classes = _int_arg(num_classes, "num_classes")
         if context not in CONTEXTS:
@@ -280,6 +313,11 @@ class CE2P(nn.Module):
                 or not width_mult > 0 or width_mult != width_mult or width_mult == float("inf")):
             raise ValueError(
                 f"CE2P: width_mult must be a positive finite number, got {width_mult!r}")
+        if fuse_relu_conv is not None and not isinstance(fuse_relu_conv, bool):
+            raise ValueError(f"CE2P: fuse_relu_conv must be None, True or False, got "
+                             f"{fuse_relu_conv!r}")
+        self._fuse_relu_conv = (norm != "batchnorm" if fuse_relu_conv is None
+                                else fuse_relu_conv)
         self.num_classes = num_classes
         self.context = context
         self.output_stride = output_stride
@@ -356,11 +394,28 @@ class CE2P(nn.Module):
                 nn.Conv2d(self._inplanes, planes * 4, 1, stride=stride, bias=False),
                 norm(planes * 4),
             )
-        mods = [Bottleneck(self._inplanes, planes, stride, dilation, downsample, norm)]
+        fuse = self._fuse_relu_conv
+        mods = [Bottleneck(self._inplanes, planes, stride, dilation, downsample, norm, fuse)]
         self._inplanes = planes * 4
-        mods += [Bottleneck(self._inplanes, planes, 1, dilation, None, norm)
+        mods += [Bottleneck(self._inplanes, planes, 1, dilation, None, norm, fuse)
                  for _ in range(1, blocks)]
         return nn.Sequential(*mods)
+
+    @property
+    def fuse_relu_conv(self) -> bool:
+        """Whether the backbone's ReLU -> conv pairs run as :func:`lipfast.ops.relu_conv2d`
+        (stem relu1 -> conv2, relu2 -> conv3; each Bottleneck's relu(bn1) -> conv2,
+        relu(bn2) -> conv3). Settable; the Bottlenecks follow."""
+        return self._fuse_relu_conv
+
+    @fuse_relu_conv.setter
+    def fuse_relu_conv(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"CE2P: fuse_relu_conv must be True or False, got {value!r}")
+        self._fuse_relu_conv = value
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                m.fuse_relu_conv = value
 
     def backbone_parameters(self):
         """Parameters of the ResNet (stem and layer1..4), e.g. for per-group learning rates."""
@@ -377,9 +432,10 @@ class CE2P(nn.Module):
                              f"{tuple(x.shape)}")
         if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
             raise ValueError(f"CE2P got an empty input of shape {tuple(x.shape)}")
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
+        fuse = self._fuse_relu_conv
+        x = _relu_conv(fuse, self.relu1, self.conv2, self.bn1(self.conv1(x)))
+        x = _relu_conv(fuse, self.relu2, self.conv3, self.bn2(x))
+        x = self.relu3(self.bn3(x))
         x = self.maxpool(x)
         x2 = self.layer1(x)
         x3 = self.layer2(x2)
@@ -394,4 +450,5 @@ class CE2P(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, context={self.context!r}, "
                 f"output_stride={self.output_stride}, norm={self.norm!r}, "
-                f"layers={self.layers}, width_mult={self.width_mult}")
+                f"layers={self.layers}, width_mult={self.width_mult}, "
+                f"fuse_relu_conv={self.fuse_relu_conv}")
