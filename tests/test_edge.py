@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lipfast.losses import edge_loss, generate_edge
+from cuda_checks import twice_without_sync
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -379,13 +380,7 @@ def test_cuda_generate_edge_and_edge_loss_no_host_sync():
         loss.backward()
         return edges, loss, za.grad
 
-    ref = step()  # warm-up (Triton compile, bilinear tables)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ref, got = twice_without_sync(step)  # warm-up (Triton compile, bilinear tables)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
 

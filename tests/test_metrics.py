@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lipfast import metrics as M
 from lipfast.metrics import tta
+from cuda_checks import assert_device_assert, twice_without_sync
 
 IGN = 255
 
@@ -561,8 +562,6 @@ def test_cuda_glue_on_cpu_tensors():
 # F.interpolate + argmax for the fused resize (float64: exact; float32/half:
 # differences only at near-ties through FMA contraction, at most 8 pixels, as
 # the CPU test allows).
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 
 def _cuda_views(x):
@@ -683,13 +682,7 @@ def test_cuda_no_host_sync():
         m.update(x.argmax(1).to(torch.uint8), y[:, :30, :30])
         return cm
 
-    ref = step().clone()  # warm-up (Triton compile)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ref, got = twice_without_sync(lambda: step().clone())  # warm-up (Triton compile)
     assert torch.equal(got, ref)
     assert m.num_images == 8
 
@@ -772,7 +765,4 @@ def test_cuda_bad_values_in_child_process(case):
         "cm.cpu()\n"
         "print('no error', flush=True)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "launched" in r.stdout and "no error" not in r.stdout, (
-        r.stdout, r.stderr)
-    assert "assert" in r.stderr.lower(), r.stderr
+    assert_device_assert(code)

@@ -11,6 +11,7 @@ import lipfast
 from lipfast.ops import oc_attention, pyramid_regions
 
 from oc_reference import oc_attention_reference
+from cuda_checks import twice_without_sync
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OP_MODULE = sys.modules["lipfast.ops.oc_attention"]  # the module (the package re-exports the function)
@@ -407,13 +408,7 @@ def test_cuda_op_no_host_sync(dtype):
         out.backward(do)
         return out, q.grad, vv.grad
 
-    ref = step()  # warm-up: Triton compile, region tables built and cached
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ref, got = twice_without_sync(step)  # warm-up: Triton compile, region tables built and cached
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import lipfast.losses.upsample_ce as uce_mod
 from lipfast.losses import UpsampleCrossEntropy, upsample_cross_entropy
+from cuda_checks import assert_device_assert, twice_without_sync
 
 IGN = 255
 
@@ -375,9 +376,7 @@ def test_cuda_op_matches_reference():
         "print('launched', flush=True)\n"
         "loss.item()\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "launched" in r.stdout, (r.stdout, r.stderr)
-    assert "assert" in r.stderr.lower(), r.stderr
+    assert_device_assert(code)
 
 
 def test_triton_forward_label_check_without_sync():
@@ -535,13 +534,7 @@ def test_cuda_no_host_sync(dtype):
         loss.backward()
         return loss, xa.grad
 
-    ref_loss, ref_grad = step()  # warm-up: compiles, caches the bilinear tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss, grad = step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ref_loss, ref_grad, loss, grad = twice_without_sync(step)  # warm-up: compiles, caches the bilinear tables
     torch.testing.assert_close(loss, ref_loss)
     assert torch.equal(grad, ref_grad)  # deterministic backward
 
@@ -572,10 +565,7 @@ def test_cuda_bad_label_uint8_in_child_process():
         "torch.cuda.synchronize()\n"
         "print('no error', flush=True)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "launched" in r.stdout and "no error" not in r.stdout, (
-        r.stdout, r.stderr)
-    assert "assert" in r.stderr.lower(), r.stderr
+    assert_device_assert(code)
 
 
 @pytest.mark.cuda
