@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -18,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_process_group_warnings():
+    """Silences InPlaceABNSync's one-time warning when it runs without a process group
+    (it then acts as InPlaceABN), for tests that build whole models with it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group.*")
+        warnings.filterwarnings("ignore", message=".*distributed.*")
+        yield

@@ -6,7 +6,6 @@ names, Sequential indices, channel counts), independently of lipfast's model.
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -25,13 +24,8 @@ from lipfast.models import (
 TINY = dict(layers=(1, 1, 1, 1), width_mult=0.125)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        # InPlaceABNSync without a process group warns once and acts as InPlaceABN.
-        warnings.filterwarnings("ignore", message=".*process group.*")
-        warnings.filterwarnings("ignore", message=".*distributed.*")
-        yield
+# InPlaceABNSync without a process group warns once and acts as InPlaceABN.
+pytestmark = pytest.mark.usefixtures("no_process_group_warnings")
 
 
 # ----------------------------------------------------------------- SCHP's layout

@@ -8,7 +8,6 @@ their eager attention (materialised similarity map, loop over pyramid regions).
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -21,12 +20,8 @@ from lipfast.patch import PatchReport
 from abn_reference import activation as apply_activation
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*process group.*")
-        warnings.filterwarnings("ignore", message=".*distributed.*")
-        yield
+# InPlaceABNSync without a process group warns once and acts as InPlaceABN.
+pytestmark = pytest.mark.usefixtures("no_process_group_warnings")
 
 
 # ----------------------------------------------------------------- original norms
