@@ -273,8 +273,6 @@ def _bn_act(bn: nn.Module, act: nn.Module):
                        track_running_stats=bn.track_running_stats, activation=kind,
                        activation_param=param)
     _adopt_tensors(new, bn)
-    if bn.track_running_stats and getattr(bn, "num_batches_tracked", None) is not None:
-        new._buffers["num_batches_tracked"] = bn.num_batches_tracked
     return new
 
 

@@ -187,9 +187,16 @@ def _float_outputs(preds):
 
 
 def _sync_check(model) -> float:
-    """Max over tensors of the difference between ranks of (sum, sum |x|)."""
+    """Max over tensors of the difference between ranks of (sum, sum |x|): the
+    parameters, and the norms' running statistics when they are synchronised
+    (``inplace_abn_sync``; other norms update them per rank after DDP's broadcast
+    from rank 0 at each forward, so they differ by the last step's update)."""
+    sync_norms = getattr(model, "norm", None) == "inplace_abn_sync"
     sums = []
-    for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+    tensors = list(model.parameters())
+    if sync_norms:
+        tensors += [b for b in model.buffers() if b.is_floating_point()]
+    for t in tensors:
         d = t.detach().double()
         sums += [d.sum(), d.abs().sum()]
     local = torch.stack(sums)
@@ -281,11 +288,14 @@ class Trainer:
         self.hparams = dict(model_hparams(self.model), crop_size=args.crop_size)
         self.ddp = None
         if self.world > 1:
-            # the sync norms keep the buffers equal: no per-forward buffer broadcast
+            # the sync norms keep the buffers equal: no per-forward buffer broadcast;
+            # other norms get DDP's broadcast from rank 0 (ranks would drift apart)
             ddp_cls = torch.nn.parallel.DistributedDataParallel
-            no_sync = ({"forward_sync_buffers": False}
-                       if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
-                       else {"broadcast_buffers": False})
+            no_sync = {}
+            if norm == "inplace_abn_sync":
+                no_sync = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
+                           else {"broadcast_buffers": False})
             self.ddp = ddp_cls(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 **no_sync)

@@ -279,15 +279,19 @@ def test_sigint_stops_at_iteration_boundary_and_resumes(data4, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_gloo_stay_in_sync(data8, tmp_path):
+@pytest.mark.parametrize("norm", ["inplace_abn_sync", "inplace_abn"])
+def test_ddp_two_ranks_gloo_stay_in_sync(norm, data8, tmp_path):
+    # inplace_abn_sync: the norms keep the statistics equal (no DDP buffer broadcast);
+    # inplace_abn: DDP broadcasts rank 0's buffers, so --check-sync must agree too
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "lipfast.train", "--data", str(data8), "--out", str(out), "--epochs", "1",
-           "--batch-size", "2", "--crop-size", "41", "--check-sync", "--val-every", "1", *TINY]
+           "--batch-size", "2", "--crop-size", "41", "--check-sync", "--val-every", "1",
+           "--norm", norm, *TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     log = r.stdout[-3000:] + r.stderr[-3000:]
     assert r.returncode == 0, log
-    assert "2 process(es)" in r.stdout and "norm inplace_abn_sync" in r.stdout, log
+    assert "2 process(es)" in r.stdout and f"norm {norm}" in r.stdout, log
     assert "sync check: ranks agree" in r.stdout, log
     assert "val mIoU" in r.stdout, log  # validation sharded over the ranks, all-reduced
     ck = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)

@@ -57,12 +57,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..metrics.parsing import LIP_FLIP_PAIRS
+from ..models.ce2p import LIP_MEAN, LIP_STD
 from .transforms import (IGNORE, affine_matrix, box_to_center_scale, warp_image, warp_label)
 
-LIP_MEAN_BGR = (0.406, 0.456, 0.485)
-LIP_STD_BGR = (0.225, 0.224, 0.229)
+LIP_MEAN_BGR = LIP_MEAN  # SPEC 5: BGR in [0, 1]
+LIP_STD_BGR = LIP_STD
 LIP_NUM_CLASSES = 20
-FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))
+FLIP_PAIRS = LIP_FLIP_PAIRS  # left/right labels swapped by a horizontal flip
 
 SCALE_FACTOR = 0.25
 ROTATION_FACTOR = 30.0
@@ -70,14 +72,14 @@ ROTATION_PROB = 0.6
 FLIP_PROB = 0.5
 
 
-def _flip_lut(num_classes: int = 256) -> torch.Tensor:
+def _flip_lut(pairs, num_classes: int) -> torch.Tensor:
+    """Label lookup table of a horizontal flip: swaps each (left, right) pair."""
     lut = torch.arange(256, dtype=torch.int64)
-    for a, b in FLIP_PAIRS:
+    for a, b in pairs:
+        if not (0 <= a < num_classes and 0 <= b < num_classes):
+            raise ValueError(f"LIPDataset: flip pair {(a, b)} outside 0..{num_classes - 1}")
         lut[a], lut[b] = b, a
     return lut
-
-
-_FLIP_LUT = _flip_lut()
 
 
 def crop_hw(crop_size) -> tuple[int, int]:
@@ -137,12 +139,14 @@ def read_label(path: str, num_classes: int = LIP_NUM_CLASSES,
 
 class LIPDataset(torch.utils.data.Dataset):
     """LIP split with SCHP's training augmentation or evaluation centring (see
-    the module docstring)."""
+    the module docstring). ``flip_pairs``: the (left, right) labels a horizontal flip
+    swaps, LIP's by default; another label set (``num_classes != 20``) passes its own
+    (``()`` for none): pairs outside ``0..num_classes-1`` raise ValueError."""
 
     def __init__(self, root, split: str = "train", crop_size=473, train: bool = True,
                  seed: int = 0, num_classes: int = LIP_NUM_CLASSES, ignore_index: int = IGNORE,
                  mean: Sequence[float] = LIP_MEAN_BGR, std: Sequence[float] = LIP_STD_BGR,
-                 check_files: bool = True):
+                 check_files: bool = True, flip_pairs=FLIP_PAIRS):
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"LIPDataset: root must be a path, got {type(root).__name__}")
         if not isinstance(split, str) or not split or os.sep in split:
@@ -159,6 +163,8 @@ class LIPDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        # data sets other than LIP (other num_classes) name their own pairs, () for none
+        self.flip_lut = _flip_lut(flip_pairs, self.num_classes)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.image_dir = os.path.join(self.root, f"{split}_images")
@@ -239,7 +245,7 @@ class LIPDataset(torch.utils.data.Dataset):
         if self.train:
             label = warp_label(lab, m, self.crop_size, border=self.ignore_index)
             if flip:
-                label = _FLIP_LUT[label]
+                label = self.flip_lut[label]
         else:
             label = lab
         meta = {
