@@ -11,12 +11,13 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ._io import atomic_file
 
 CHECKPOINT_FORMAT = "lipfast-train-1"
 MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
@@ -29,23 +30,8 @@ def atomic_save(obj, path) -> None:
     flushed to disk and renamed over ``path`` with ``os.replace``: ``path``
     holds either the old or the new checkpoint, never a partial one, whatever
     interrupts the write (the temporary file is removed on errors)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load_training_checkpoint(path) -> dict:

@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from lipfast._io import atomic_file
 from lipfast._train_utils import Progress, build_model, eval_norm, load_training_checkpoint
 from lipfast.data import LIPDataset, collate, lip_palette, warp_back
 
@@ -89,9 +90,8 @@ def _palette_png(pred, path: str) -> None:
 
     im = Image.fromarray(pred.to(torch.uint8).cpu().numpy(), "P")
     im.putpalette(lip_palette())
-    tmp = path + ".tmp.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        im.save(f, format="PNG")
 
 
 def _colour(label: torch.Tensor) -> torch.Tensor:
@@ -107,9 +107,8 @@ def _side_by_side(meta, label, pred, path: str) -> None:
 
     rgb = read_image(meta["image_path"]).flip(0).permute(1, 2, 0)
     panel = torch.cat([rgb, _colour(label), _colour(pred)], dim=1)
-    tmp = path + ".tmp.png"
-    Image.fromarray(panel.numpy(), "RGB").save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        Image.fromarray(panel.numpy(), "RGB").save(f, format="PNG")
 
 
 @torch.no_grad()
@@ -250,10 +249,8 @@ def main(argv=None) -> dict:
     out.update(images=len(ds), flip=args.flip, scales=list(args.scales),
                checkpoints=[args.checkpoint] + list(args.ensemble))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(args.json, "w") as f:
             json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
     return out
 
 

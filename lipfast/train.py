@@ -74,6 +74,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from lipfast._io import atomic_file
 from lipfast._train_utils import (CHECKPOINT_FORMAT, Progress, SCHPSchedule, ShardSampler,
                                   StopFlag, atomic_save, bn_re_estimate, build_model,
                                   ignore_sigint_in_worker, load_training_checkpoint,
@@ -240,10 +241,11 @@ def _plot_curves(csv_path: str, png_path: str) -> bool:
     ax[1].set_xlabel("epoch")
     ax[1].set_ylabel("val mIoU (%)")
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_file(png_path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -29,6 +29,8 @@ import sys
 
 import numpy as np
 
+from .._io import atomic_file
+
 # Class colours (RGB), one per LIP class; left/right parts share a colour (a
 # horizontal flip swaps their labels, so only the position tells them apart).
 CLASS_COLOURS = np.array([
@@ -183,10 +185,8 @@ def make_sample(seed: int, split: str, index: int, size: int = 96):
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | None = None,

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 
+from .._io import atomic_file
 from .confusion import confusion_matrix
 
 LIP_CLASSES = (
@@ -199,17 +199,8 @@ class ParsingMetrics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes state_dict() to ``path`` atomically (temporary file + os.replace)."""
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as f:
+            torch.save(self.state_dict(), f)
 
     def load(self, path: str | os.PathLike) -> None:
         """Loads a file written by :meth:`save` (``torch.load(weights_only=True)``)."""
