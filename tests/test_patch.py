@@ -8,6 +8,7 @@ their eager attention (materialised similarity map, loop over pyramid regions).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -431,3 +432,195 @@ def test_root_module_and_bad_input():
         torch.testing.assert_close(rep.model.eval()(x.clone()), norm.eval()(x.clone()))
     with pytest.raises(TypeError, match="nn.Module"):
         lipfast.patch("model")
+
+
+# ----------------------------------------------------------------- float32 / bfloat16 models
+# Real models run in float32 (or bfloat16): the probe compares in the model's dtype,
+# with that dtype's tolerance (max error <= tol * max(1, max |output|)).
+_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+_OC_NAMES_ALL = {"asp", "asp.context.2", "asp.context.2.stages.0", "base", "base.stages.0",
+                 "base.stages.1", "pyramid", "pyramid.stages.0", "pyramid.stages.1",
+                 "pyramid.stages.2"}
+
+
+def _assert_agree(got, want, dtype):
+    got, want = got.double(), want.double()
+    scale = max(1.0, float(want.abs().max()))
+    err = float((got - want).abs().max())
+    assert err <= _TOL[dtype] * scale, (err, scale)
+
+
+def _oc_left(report):
+    return [(n, c, why) for n, c, why in report.left if c != "BatchNorm2d"]
+
+
+def test_float32_model_swaps_every_oc_module_and_outputs_agree():
+    torch.manual_seed(0)
+    model = _randomise(Net()).float().eval()
+    x = _x().float()
+    with torch.no_grad():
+        want = model(x)
+    report = lipfast.patch(model)
+    assert _oc_left(report) == [], str(report)
+    swapped = {n for n, _, _ in report.swapped}
+    assert _OC_NAMES_ALL <= swapped
+    assert {"stem.1", "vendored.1", "mapillary.1", "mapillary.3"} <= swapped
+    assert type(model.asp) is lipfast.ASPOCModule and type(model.base) is lipfast.BaseOCModule
+    assert type(model.pyramid) is lipfast.PyramidOCModule
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.float32
+    _assert_agree(got, want, torch.float32)
+
+
+def _oc_module(kind):
+    torch.manual_seed(3)
+    return {
+        "attention": lambda: SelfAttentionBlock2D(8, 4, 6),
+        "attention_pooled": lambda: SelfAttentionBlock2D(8, 4, 6, 5, scale=2),
+        "pyramid_attention": lambda: PyramidSelfAttentionBlock2D(8, 4, 8, 8, scale=3),
+        "base_oc": lambda: BaseOC_Module(8, 8, 4, 6, 0.05, [1, 2]),
+        "base_oc_context": lambda: BaseOC_Context_Module(8, 8, 4, 6, 0.0, [2]),
+        "pyramid_oc": lambda: Pyramid_OC_Module(8, 8, 0.05, [1, 2, 3]),
+        "asp_oc": lambda: ASP_OC_Module(8, 4),
+        "asp_oc_legacy": lambda: ASP_OC_Module(8, 4, legacy=True, norm=VendoredSync),
+    }[kind]()
+
+
+_OC_EXPECT = {
+    "attention": "SelfAttentionBlock2D", "attention_pooled": "SelfAttentionBlock2D",
+    "pyramid_attention": "PyramidSelfAttentionBlock2D", "base_oc": "BaseOCModule",
+    "base_oc_context": "BaseOCContextModule", "pyramid_oc": "PyramidOCModule",
+    "asp_oc": "ASPOCModule", "asp_oc_legacy": "ASPOCModule",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_OC_EXPECT))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_oc_module_type_is_swapped_in_float32_and_bfloat16(kind, dtype):
+    holder = nn.Sequential(_randomise(_oc_module(kind)).to(dtype).eval())
+    x = torch.randn(2, 8, 9, 10, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        want = holder(x)
+    # lipfast's in-place norms have float32/float64 CPU kernels: bfloat16 models are
+    # patched with norms=False here (the original norms stay inside the OC modules).
+    report = lipfast.patch(holder, norms=dtype != torch.bfloat16)
+    assert report.left == [], str(report)
+    assert ("0", type(_oc_module(kind)).__name__, _OC_EXPECT[kind]) in report.swapped
+    assert type(holder[0]).__name__ == _OC_EXPECT[kind]
+    assert type(holder[0]).__module__ == "lipfast.nn.oc"
+    with torch.no_grad():
+        got = holder(x)
+    assert got.dtype == dtype
+    _assert_agree(got, want, dtype)
+
+
+class SchpNet(nn.Module):
+    """SCHP's AugmentCE2P layout in miniature with SCHP's vendored pure-PyTorch norm:
+    backbone norms ``InPlaceABNSync(activation='none')`` then a ReLU, an ASP-OC context
+    (SCHP's copy: the legacy 5*out -> out head), decoder / edge / fusion heads with
+    leaky_relu norms; returns ``[[parsing, fusion], [edge]]``."""
+
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        plain = functools.partial(VendoredSync, activation="none")
+        self.conv1 = nn.Conv2d(3, c, 3, stride=2, padding=1, bias=False)
+        self.bn1 = plain(c)
+        self.relu1 = nn.ReLU(inplace=False)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = plain(c)
+        self.relu2 = nn.ReLU(inplace=False)
+        self.context_encoding = ASP_OC_Module(c, 4, dilations=(1, 2, 3), norm=VendoredSync,
+                                              legacy=True)
+        self.decoder = nn.Sequential(nn.Conv2d(4, c, 1, bias=False), VendoredSync(c))
+        self.cls = nn.Conv2d(c, classes, 1)
+        self.edge = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), VendoredSync(c),
+                                  nn.Conv2d(c, 2, 3, padding=1))
+        self.fushion = nn.Sequential(nn.Conv2d(2 * c, c, 1, bias=False), VendoredSync(c),
+                                     nn.Dropout2d(0.1), nn.Conv2d(c, classes, 1))
+
+    def forward(self, x):
+        x1 = self.relu1(self.bn1(self.conv1(x)))
+        x2 = self.relu2(self.bn2(self.conv2(x1)))
+        dec = self.decoder(self.context_encoding(x2))
+        edge_fea = self.edge[1](self.edge[0](x2))
+        fusion = self.fushion(torch.cat([dec, edge_fea], 1))
+        return [[self.cls(dec), fusion], [self.edge[2](edge_fea)]]
+
+
+def _schp_net():
+    torch.manual_seed(5)
+    return _randomise(SchpNet(), seed=5).float().eval()
+
+
+_SCHP_SWAPS = {
+    "bn1": "ABN (by its measured arithmetic)", "bn2": "ABN (by its measured arithmetic)",
+    "context_encoding": "ASPOCModule", "context_encoding.context.2": "BaseOCContextModule",
+    "context_encoding.context.2.stages.0": "SelfAttentionBlock2D",
+    "context_encoding.conv_bn_dropout.1": "ABN (by its measured arithmetic)",
+    "decoder.1": "ABN (by its measured arithmetic)", "edge.1": "ABN (by its measured arithmetic)",
+    "fushion.1": "ABN (by its measured arithmetic)",
+}
+
+
+def _flat(out):
+    return torch.cat([t.flatten() for t in (out[0][0], out[0][1], out[1][0])])
+
+
+def test_schp_layout_float32_swaps_and_agrees_also_under_bf16_autocast():
+    model = _schp_net()
+    x = torch.randn(2, 3, 17, 19, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = _flat(model(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_bf16 = _flat(model(x))
+    report = lipfast.patch(model)
+    assert report.left == [], str(report)
+    swapped = {n: new for n, _, new in report.swapped}
+    for name, new in _SCHP_SWAPS.items():
+        assert swapped.get(name) == new, (name, str(report))
+    assert type(model.context_encoding) is lipfast.ASPOCModule
+    assert model.context_encoding.head == "legacy"
+    assert type(model.bn1) is lipfast.ABN and model.bn1.activation == "identity"
+    assert "swapped context_encoding: ASP_OC_Module -> ASPOCModule" in str(report)
+    with torch.no_grad():
+        _assert_agree(_flat(model(x)), want, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = _flat(model(x))
+    assert got_bf16.dtype == want_bf16.dtype
+    _assert_agree(got_bf16, want_bf16, torch.bfloat16)
+
+
+def test_patch_under_autocast_probes_in_the_model_dtype():
+    model = _schp_net()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = lipfast.patch(model)
+    assert report.left == [], str(report)
+    assert type(model.context_encoding) is lipfast.ASPOCModule
+
+
+def test_float32_probe_still_rejects_different_math():
+    class SelfAttentionBlock2D_(SelfAttentionBlock2D):   # noqa: N801
+        def forward(self, x):   # not OCNet's: no key scaling
+            return super().forward(x) * 1.01
+
+    SelfAttentionBlock2D_.__name__ = "SelfAttentionBlock2D"
+    holder = nn.Sequential(_randomise(SelfAttentionBlock2D_(6, 3, 4)).float())
+    rep = lipfast.patch(holder)
+    assert isinstance(holder[0], SelfAttentionBlock2D_)
+    assert any("different outputs" in why and "float32 tolerance" in why
+               for _, _, why in rep.left), str(rep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_abn_probe_measures_float32_and_bfloat16_norms(dtype):
+    from lipfast.patch import _abn_config, _probe_abn_math
+
+    cases = [(InPlaceABN(7), "abs"), (InPlaceABNSync(7, activation="elu", activation_param=0.5),
+                                      "abs"),
+             (ABN(7, activation="identity"), "plain"), (VendoredSync(7), "plain"),
+             (VendoredSync(7, activation="none"), "plain")]
+    for norm, want in cases:
+        norm = _randomise(norm).to(dtype)
+        assert _probe_abn_math(norm, _abn_config(norm)) == want, (type(norm).__name__, dtype)
