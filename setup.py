@@ -55,7 +55,20 @@ if torch is not None and os.environ.get("LIPFAST_SKIP_BUILD") != "1":
             extra_link_args=build.LINK_FLAGS,
         )
     )
-    cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtInPlace(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Keeps the object files in a folder of the checkout (``build/``, ignored
+        by git) instead of the temporary one an editable install gets, so that a
+        second ``pip install --no-build-isolation -e .`` lets ninja rebuild only
+        what changed (usually nothing but the link step). The folder is keyed by
+        Python, torch and CUDA, so another torch never reuses stale objects."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if os.environ.get("LIPFAST_BUILD_TEMP") != "tmp":
+                self.build_temp = str(build.build_temp_dir(ROOT, torch, with_cuda))
+
+    cmdclass["build_ext"] = BuildExtInPlace
 
 setup(
     packages=find_packages(include=["lipfast", "lipfast.*"]),

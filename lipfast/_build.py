@@ -67,3 +67,14 @@ def want_cuda(torch_module, cuda_home: str | None) -> bool:
 
 def define_macros(with_cuda: bool) -> list[tuple[str, str | None]]:
     return [("LIPFAST_WITH_CUDA", None)] if with_cuda else []
+
+
+def build_temp_dir(root: Path, torch_module, with_cuda: bool) -> Path:
+    """The persistent folder of the ahead-of-time build's object files:
+    ``build/temp-<python>-<torch>-<cpu|cuda version>`` under the checkout
+    (``LIPFAST_BUILD_TEMP=tmp`` keeps setuptools' temporary folder instead)."""
+    import sys
+
+    cuda = f"cuda{torch_module.version.cuda}" if with_cuda else "cpu"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_module.__version__}-{cuda}"
+    return Path(root) / "build" / ("temp-" + tag.replace("+", "_"))

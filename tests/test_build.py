@@ -42,15 +42,49 @@ def test_sources_are_laid_out_per_op():
     assert not any(f.startswith("ops/cuda") for f in _build.sources(CSRC, with_cuda=False))
 
 
-CHECK_OPS = """
-    import torch, torch.nn.functional as F, lipfast
+# The just-in-time tests compile the smallest source set that still goes through
+# the real fallback: the module (lipfast.cpp) and one op family (abn: schema, CPU
+# kernel). The package's __init__ would import every op, so the child process
+# stands up the ``lipfast`` package without running it and imports ``lipfast._ext``
+# and ``lipfast.ops`` (whose other ops are pure Python) directly. That the full
+# source list builds is shown by the ahead-of-time build, which compiles the same
+# _build.sources() with the same _build flags.
+JIT_SOURCES = ("lipfast.cpp", "ops/abn.h", "ops/abn.cpp", "ops/cpu/abn_kernel.cpp")
+
+PACKAGE_WITHOUT_INIT = f"""
+    import sys, types
+    pkg = types.ModuleType("lipfast")
+    pkg.__path__ = [{str(ROOT / "lipfast")!r}]
+    sys.modules["lipfast"] = pkg
+"""
+
+CHECK_OPS = PACKAGE_WITHOUT_INIT + """
+    import torch, torch.nn.functional as F
+    from lipfast import _ext, ops
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     w = torch.rand(4, dtype=torch.float64) + 0.5
-    y = lipfast.inplace_abn(x.clone(), w, None, None, None)
+    y = ops.inplace_abn(x.clone(), w, None, None, None)
     ref = F.leaky_relu(F.batch_norm(x, None, None, w.abs() + 1e-5, None, True, 0.1, 1e-5), 0.01)
     torch.testing.assert_close(y, ref)
-    print("SOURCE", lipfast.build_info()["source"])
+    print("SOURCE", _ext.build_info()["source"])
 """
+
+
+def reduced_sources(dest: Path) -> Path:
+    for name in JIT_SOURCES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(CSRC / name, dest / name)
+    return dest
+
+
+def test_jit_source_set_is_self_contained():
+    # every file the reduced set's translation units include from csrc/ is in it
+    import re
+
+    for name in JIT_SOURCES:
+        for inc in re.findall(r'#include "([^"]+)"', (CSRC / name).read_text()):
+            target = ((CSRC / name).parent / inc).resolve().relative_to(CSRC).as_posix()
+            assert target in JIT_SOURCES, (name, inc)
 
 
 @pytest.mark.slow
@@ -66,7 +100,8 @@ def test_jit_fallback_when_installed_module_does_not_load(tmp_path):
         sys.meta_path.insert(0, Broken())
     """
     code = textwrap.dedent(code) + textwrap.dedent(CHECK_OPS)
-    env = {"LIPFAST_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"LIPFAST_CACHE_DIR": str(tmp_path / "cache"),
+           "LIPFAST_CSRC_DIR": str(reduced_sources(tmp_path / "csrc"))}
     first = run_python(code, env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "SOURCE jit" in first.stdout
@@ -76,7 +111,7 @@ def test_jit_fallback_when_installed_module_does_not_load(tmp_path):
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     # Second use: cached, not rebuilt.
-    second = run_python(CHECK_OPS, {**env, "LIPFAST_FORCE_JIT": "1"})
+    second = run_python(textwrap.dedent(CHECK_OPS), {**env, "LIPFAST_FORCE_JIT": "1"})
     assert second.returncode == 0, second.stdout + second.stderr
     assert "SOURCE jit" in second.stdout
     assert built[0].stat().st_mtime_ns == stamp
