@@ -111,6 +111,15 @@ def _fake_checkpoint(keys, seed=0):
     return out
 
 
+def _random_like(key, v):
+    """Random values for a state_dict entry; variances stay positive (a negative
+    running_var is refused at load time)."""
+    if not v.is_floating_point():
+        return v
+    t = torch.randn_like(v)
+    return t.abs() + 0.5 if key.endswith("running_var") else t
+
+
 def test_strict_load_of_schp_layout_and_module_prefix(tmp_path):
     # Small Bottleneck counts keep this cheap; widths and names are the full model's.
     layers = (1, 1, 1, 1)
@@ -125,7 +134,7 @@ def test_strict_load_of_schp_layout_and_module_prefix(tmp_path):
         assert torch.equal(own[k], v), k
     # Raw state_dict and {"model": ...} wrappers too, into the other norms.
     tiny = CE2P(**TINY)
-    small = {k: torch.randn_like(v) if v.is_floating_point() else v
+    small = {k: _random_like(k, v)
              for k, v in tiny.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(small, tmp_path / "raw.pth")
     torch.save({"model": small}, tmp_path / "wrapped.pth")
@@ -174,8 +183,8 @@ def test_mismatched_keys_are_listed(tmp_path):
 def test_imagenet_init_skips_fc_and_loads_backbone_only(tmp_path):
     model = CE2P(**TINY)
     backbone = ("conv", "bn", "layer")
-    sd = {k: torch.randn_like(v) if v.is_floating_point() else v
-          for k, v in model.state_dict().items() if k.startswith(backbone)}
+    sd = {k: _random_like(k, v) for k, v in model.state_dict().items()
+          if k.startswith(backbone)}
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     sd["fc.weight"] = torch.randn(1000, 256)
     sd["fc.bias"] = torch.randn(1000)

@@ -1,13 +1,20 @@
 """Reference parsing models (SPEC section 5): :class:`CE2P` (CE2P / SCHP's
-AugmentCE2P, with PSP or OCNet object-context heads) and local checkpoint loading.
+AugmentCE2P, with PSP or OCNet object-context heads) and local checkpoint
+reading: lipfast.train checkpoints, SCHP's released checkpoints and plain
+state_dicts, the model chosen from the keys (:func:`model_from_checkpoint`).
 See :mod:`lipfast.models.ce2p` and :mod:`lipfast.models.checkpoint`."""
 
 from .ce2p import CE2P, CONTEXTS, LIP_MEAN, LIP_STD, NORMS, BatchNormAct, Bottleneck
 from .checkpoint import (
+    Checkpoint,
     CheckpointMismatchError,
     LoadReport,
+    checkpoint_config,
+    infer_config,
     load_checkpoint,
     load_imagenet,
+    model_from_checkpoint,
+    read_checkpoint,
     read_state_dict,
 )
 
@@ -19,9 +26,14 @@ __all__ = [
     "LIP_STD",
     "BatchNormAct",
     "Bottleneck",
+    "Checkpoint",
     "CheckpointMismatchError",
     "LoadReport",
+    "checkpoint_config",
+    "infer_config",
     "load_checkpoint",
     "load_imagenet",
+    "model_from_checkpoint",
+    "read_checkpoint",
     "read_state_dict",
 ]

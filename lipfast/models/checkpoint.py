@@ -1,14 +1,49 @@
-"""Loading local checkpoints into :class:`lipfast.models.CE2P` (or any module).
+"""Reading local checkpoints, and building :class:`lipfast.models.CE2P` from one.
 
-Nothing is ever downloaded: both loaders take a local path. Files are read with
-``torch.load(path, map_location="cpu", weights_only=True)`` (no arbitrary
-pickles). Checkpoint layouts accepted: a raw state_dict, or a dict holding it
-under ``"state_dict"`` or ``"model"`` (SCHP's ``exp-schp-*-lip.pth`` is the
-former wrapped in the latter); a ``module.`` prefix (DataParallel / DDP) is
-stripped. Errors are Python exceptions naming the file and the offending keys:
-``FileNotFoundError`` for a missing file, ``ValueError`` for a file that holds
-no state_dict, and :class:`CheckpointMismatchError` (a ``ValueError``) listing
-missing keys, unexpected keys and shape mismatches under ``strict``.
+Nothing is ever downloaded: every function takes a local path. There is one
+reader, :func:`read_checkpoint`, under :func:`load_checkpoint`,
+:func:`load_imagenet`, :func:`model_from_checkpoint`, ``python -m
+lipfast.evaluate`` and ``python -m lipfast.train`` (``--resume``, ``--init``).
+Files are read with ``torch.load(path, map_location="cpu", weights_only=True)``
+(no arbitrary pickles).
+
+Formats accepted (``Checkpoint.kind``):
+
+- ``"lipfast.train"``: what ``python -m lipfast.train`` writes: a dict with
+  ``model`` (the state_dict), ``hparams`` (the model's hyper-parameters and the
+  crop size), ``schp_model`` (the self-correction model, or None) and the
+  training state.
+- ``"schp"``: SCHP's released checkpoints (``exp-schp-201908261155-lip.pth``
+  and its ATR / Pascal-Person-Part siblings): a dict whose ``state_dict`` entry
+  holds the weights, keys prefixed ``module.`` (saved from DataParallel), plus
+  ``epoch`` / ``cycle_n`` / others, which are ignored.
+- ``"wrapped"``: any other dict holding the state_dict under ``model``.
+- ``"state_dict"``: a plain state_dict (``torch.save(model.state_dict(), path)``).
+
+A ``module.`` prefix (DataParallel / DDP) carried by every key is stripped.
+
+Choosing the model (:func:`infer_config`, :func:`checkpoint_config`): a
+lipfast.train checkpoint says its hyper-parameters; for the others they are read
+from the keys: ``num_classes`` from the classifier ``fushion.3.weight``
+(classes x 256 x 1 x 1), ``context`` from which keys exist
+(``context_encoding.stages.*``: PSP; ``context_encoding.2.context.*``: ASP-OC;
+``context_encoding.2.up_dr.*``: Pyramid-OC; ``context_encoding.2.stages.0.*``
+alone: Base-OC), ``layers`` from the number of Bottlenecks
+``layer<i>.<j>.conv1.weight`` in each stage, ``width_mult`` from the channel
+counts (stem, layer3/4, decoder). ``output_stride`` and ``norm`` leave no
+trace in the keys: they come from the arguments (default 16, SCHP's; norm
+``inplace_abn``, whose keys and numerics are those of SCHP's
+``InPlaceABNSync`` in one process). An argument that contradicts the keys (or
+the stored hyper-parameters) is a :class:`CheckpointMismatchError` naming the
+command-line flag and both values.
+
+Errors are Python exceptions naming the file and the offending keys:
+``FileNotFoundError`` for a missing file, ``IsADirectoryError`` for a folder,
+``ValueError`` for a file that holds no state_dict or a norm statistic
+``*.running_var`` that is negative or not finite (refused at load time: it
+would turn the outputs into NaN), and :class:`CheckpointMismatchError` (a
+``ValueError``) listing missing keys, unexpected keys and shape mismatches
+under ``strict``.
 
 ``num_batches_tracked`` buffers absent from a checkpoint (the vendored In-Place
 ABN of SCHP/CE2P/OCNet has none) are never reported as missing.
@@ -17,19 +52,28 @@ ABN of SCHP/CE2P/OCNet has none) are never reported as missing.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "load_checkpoint", "load_imagenet",
-           "read_state_dict"]
+__all__ = ["Checkpoint", "CheckpointMismatchError", "LoadReport", "checkpoint_config",
+           "infer_config", "load_checkpoint", "load_imagenet", "model_from_checkpoint",
+           "read_checkpoint", "read_state_dict"]
 
 _COUNTER = "num_batches_tracked"
+#: what a lipfast.train checkpoint's ``hparams`` must say to rebuild the model
+MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
+_FLAGS = {"num_classes": "--num-classes", "context": "--context", "layers": "--layers",
+          "width_mult": "--width-mult", "output_stride": "--output-stride", "norm": "--norm"}
+KIND_NAMES = {"lipfast.train": "lipfast.train checkpoint", "schp": "SCHP release layout",
+              "wrapped": "state_dict under 'model'", "state_dict": "plain state_dict"}
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint whose keys or shapes do not match the model (strict loading)."""
+    """A checkpoint whose keys or shapes do not match the model (strict loading),
+    or whose keys contradict a model hyper-parameter given as an argument."""
 
 
 @dataclass
@@ -71,10 +115,60 @@ def _short(keys, n: int = 20) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def read_state_dict(path) -> dict:
-    """The state_dict in the file at ``path`` (see the module docstring), with a
-    ``module.`` prefix stripped."""
+@dataclass
+class Checkpoint:
+    """A checkpoint file, read: ``kind`` (see the module docstring),
+    ``state_dict`` (the model's tensors, ``module.`` stripped), ``hparams``
+    (lipfast.train's stored hyper-parameters, else None), ``schp_state`` (the
+    self-correction model of a lipfast.train checkpoint, else None) and ``raw``
+    (the whole object torch.load returned: a lipfast.train checkpoint's
+    optimizer, schedule and RNG state for ``--resume``)."""
+
+    path: str
+    kind: str
+    state_dict: dict
+    hparams: dict | None = None
+    schp_state: dict | None = None
+    raw: object = None
+
+    @property
+    def description(self) -> str:
+        return KIND_NAMES[self.kind]
+
+
+def _check_state(obj, path: str, what: str = "") -> dict:
+    """``obj`` as a state_dict (str -> tensor), ``module.`` stripped, norm
+    variances checked."""
+    where = f"{path!r}" + (f" ({what})" if what else "")
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"checkpoint {where} holds no state_dict (expected a dict of tensors, "
+                         "or one under 'state_dict' or 'model')")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {where} is not a state_dict: entries that are not "
+                         f"tensors: {_short(map(str, bad))}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for k, v in obj.items():
+        if not k.endswith("running_var") or not v.numel():
+            continue
+        vf = v.detach().double()
+        if not bool(torch.isfinite(vf).all()) or bool((vf < 0).any()):
+            worst = "not finite" if not bool(torch.isfinite(vf).all()) else "negative"
+            n = int((~torch.isfinite(vf) | (vf < 0)).sum())
+            raise ValueError(f"checkpoint {where}: norm statistic {k} is {worst} "
+                             f"({n} of {v.numel()} values; a variance must be finite and "
+                             ">= 0): the file is corrupt or not a trained model")
+    return obj
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Reads the checkpoint at ``path`` (``weights_only=True``) and tells its
+    format (see the module docstring); the state_dicts in it are checked."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder, not a file (pass the path "
+                                "of the .pth file, e.g. <out>/checkpoint.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r} (lipfast never downloads "
                                 "weights; pass the path of a local file)")
@@ -82,23 +176,198 @@ def read_state_dict(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, dict):
-                obj = inner
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"checkpoint {path!r} holds no state_dict (expected a dict of tensors, "
-                         "or one under 'state_dict' or 'model')")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint {path!r} is not a state_dict: entries that are not "
-                         f"tensors: {_short(map(str, bad))}")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "hparams" in obj:
+        hp = obj["hparams"]
+        if not isinstance(hp, dict):
+            raise ValueError(f"checkpoint {path!r}: 'hparams' is not a dict")
+        schp = obj.get("schp_model")
+        return Checkpoint(path, "lipfast.train", _check_state(obj["model"], path, "model"),
+                          hparams=dict(hp),
+                          schp_state=None if schp is None else _check_state(schp, path,
+                                                                             "schp_model"),
+                          raw=obj)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return Checkpoint(path, "schp", _check_state(obj["state_dict"], path), raw=obj)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return Checkpoint(path, "wrapped", _check_state(obj["model"], path), raw=obj)
+    return Checkpoint(path, "state_dict", _check_state(obj, path), raw=obj)
 
+
+def read_state_dict(path) -> dict:
+    """The state_dict in the file at ``path`` (see the module docstring), with a
+    ``module.`` prefix stripped (a lipfast.train checkpoint: its ``model``)."""
+    return read_checkpoint(path).state_dict
+
+
+# ----------------------------------------------------------------- model from keys
+
+_CLASSIFIER = "fushion.3.weight"
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
+# width of the model's layers at width_mult 1 -> key whose dim 0 has that width
+_WIDTH_KEYS = ((512, "layer4.0.conv1.weight"), (256, "layer3.0.conv1.weight"),
+               (128, "conv3.weight"), (64, "conv1.weight"), (48, "decoder.conv2.0.weight"))
+
+
+def _width(c: int, mult: float) -> int:
+    return max(1, int(round(c * mult)))  # as CE2P
+
+
+def _context_of(keys) -> str | None:
+    if "context_encoding.stages.0.1.weight" in keys:
+        return "psp"
+    if any(k.startswith("context_encoding.2.context.") for k in keys):
+        return "asp_oc"
+    if any(k.startswith("context_encoding.2.up_dr.") for k in keys):
+        return "pyramid_oc"
+    if any(k.startswith("context_encoding.2.stages.0.") for k in keys):
+        return "base_oc"
+    return None
+
+
+def infer_config(state_dict: dict, path: str = "checkpoint") -> dict:
+    """``num_classes``, ``context``, ``layers`` and ``width_mult`` of the CE2P
+    whose state_dict this is (see the module docstring); ``ValueError`` naming
+    what is missing for a state_dict of another network."""
+    keys = set(state_dict)
+    if _CLASSIFIER not in keys or state_dict[_CLASSIFIER].dim() != 4:
+        raise ValueError(f"{path}: not a CE2P/SCHP state_dict: no classifier {_CLASSIFIER} "
+                         f"(classes x C x 1 x 1) among its {len(keys)} keys "
+                         f"({_short(sorted(keys), 5)})")
+    num_classes = int(state_dict[_CLASSIFIER].shape[0])
+    context = _context_of(keys)
+    if context is None:
+        ctx = sorted(k for k in keys if k.startswith("context_encoding."))
+        raise ValueError(f"{path}: cannot tell the context module from the keys "
+                         f"(context_encoding keys: {_short(ctx, 5) or 'none'}); expected PSP "
+                         "(context_encoding.stages.*) or an OC head (context_encoding.2.*)")
+    blocks = {i: set() for i in range(1, 5)}
+    for k in keys:
+        m = _BLOCK.match(k)
+        if m:
+            blocks[int(m.group(1))].add(int(m.group(2)))
+    layers = []
+    for i in range(1, 5):
+        n = len(blocks[i])
+        if n == 0 or blocks[i] != set(range(n)):
+            raise ValueError(f"{path}: layer{i} Bottlenecks are not numbered 0..n-1 "
+                             f"(found {sorted(blocks[i])}): not a CE2P/SCHP state_dict")
+        layers.append(n)
+    widths = {}
+    for base, key in _WIDTH_KEYS:
+        if key not in state_dict:
+            raise ValueError(f"{path}: not a CE2P/SCHP state_dict: no {key}")
+        widths[base] = int(state_dict[key].shape[0])
+    for base, _ in _WIDTH_KEYS:
+        mult = widths[base] / base
+        if all(_width(b, mult) == w for b, w in widths.items()):
+            break
+    else:
+        raise ValueError(f"{path}: no width_mult gives the channel counts "
+                         + ", ".join(f"{k} {widths[b]}" for b, k in _WIDTH_KEYS))
+    return {"num_classes": num_classes, "context": context, "layers": layers,
+            "width_mult": mult}
+
+
+def _eval_norm(norm: str) -> str:
+    return "inplace_abn" if norm == "inplace_abn_sync" else norm
+
+
+def _mismatch_reason(name: str, have, sd: dict) -> str:
+    if name == "num_classes":
+        if _CLASSIFIER in sd:
+            return (f"its classifier {_CLASSIFIER} has {have} classes "
+                    f"(shape {tuple(sd[_CLASSIFIER].shape)})")
+        return f"it has {have} classes"
+    if name == "context":
+        return f"its keys are those of a {have} context"
+    if name == "layers":
+        return f"it has {', '.join(map(str, have))} Bottlenecks in layer1..4"
+    if name == "width_mult":
+        return f"its channel counts are those of width_mult {float(have):g}"
+    return f"it was trained with output stride {have}"
+
+
+def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=None,
+                      width_mult=None, output_stride=None, norm=None) -> dict:
+    """The CE2P hyper-parameters (``num_classes``, ``context``,
+    ``output_stride``, ``layers``, ``width_mult``, ``norm``) for the checkpoint:
+    lipfast.train's stored ones, else those read from the keys
+    (:func:`infer_config`) with ``output_stride`` (default 16) and ``norm``
+    from the arguments. An argument given (not None) must agree with the
+    stored / inferred value (:class:`CheckpointMismatchError` naming the flag);
+    ``norm`` is free (all norms share keys and numerics; default: the stored
+    one, ``inplace_abn_sync`` as ``inplace_abn``)."""
+    given = {"num_classes": num_classes, "context": context,
+             "layers": None if layers is None else [int(v) for v in layers],
+             "width_mult": width_mult, "output_stride": output_stride}
+    if ckpt.hparams is not None:
+        missing = [k for k in MODEL_HPARAMS if k not in ckpt.hparams]
+        if missing:
+            raise ValueError(f"{ckpt.path}: lipfast.train checkpoint whose hparams lack "
+                             f"{missing}")
+        cfg = {k: ckpt.hparams[k] for k in MODEL_HPARAMS}
+        cfg["layers"] = [int(v) for v in cfg["layers"]]
+        source = "stored hyper-parameters"
+    else:
+        cfg = infer_config(ckpt.state_dict, ckpt.path)
+        cfg["output_stride"] = 16 if output_stride is None else output_stride
+        cfg["norm"] = "inplace_abn"
+        source = "keys"
+    sd = ckpt.state_dict
+    for name, value in given.items():
+        if value is None:
+            continue
+        have = cfg[name]
+        if name == "width_mult":
+            same = all(_width(b, float(value)) == _width(b, float(have)) for b, _ in _WIDTH_KEYS)
+        else:
+            same = value == have
+        if same:
+            continue
+        why = _mismatch_reason(name, have, sd)
+        shown = ", ".join(map(str, value)) if name == "layers" else value
+        raise CheckpointMismatchError(
+            f"{_FLAGS[name]} {shown} does not match checkpoint {ckpt.path!r} "
+            f"({ckpt.description}, by its {source}): {why}; drop the flag or pass "
+            "the checkpoint's value")
+    cfg["norm"] = norm if norm is not None else _eval_norm(str(cfg["norm"]))
+    cfg["width_mult"] = float(cfg["width_mult"])
+    cfg["output_stride"] = int(cfg["output_stride"])
+    cfg["num_classes"] = int(cfg["num_classes"])
+    return cfg
+
+
+def model_from_checkpoint(path, *, which: str = "model", num_classes=None, context=None,
+                          layers=None, width_mult=None, output_stride=None, norm=None):
+    """``(CE2P in eval mode on the CPU, config)`` for the checkpoint at ``path``
+    (any format of the module docstring), the model chosen by
+    :func:`checkpoint_config` and loaded strictly. ``which="schp_model"``
+    takes the self-correction model of a lipfast.train checkpoint."""
+    from .ce2p import CE2P
+
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    cfg = checkpoint_config(ckpt, num_classes=num_classes, context=context, layers=layers,
+                            width_mult=width_mult, output_stride=output_stride, norm=norm)
+    if which == "model":
+        state = ckpt.state_dict
+    elif which == "schp_model":
+        if ckpt.schp_state is None:
+            raise ValueError(
+                f"{ckpt.path} holds no self-correction (SCHP) model: "
+                + ("train with --cycles" if ckpt.kind == "lipfast.train" else
+                   f"a {ckpt.description} holds one model, evaluate it without --schp "
+                   "(SCHP's released weights are already the self-corrected model)"))
+        state = ckpt.schp_state
+    else:
+        raise ValueError(f"which must be 'model' or 'schp_model', got {which!r}")
+    model = CE2P(num_classes=cfg["num_classes"], context=cfg["context"],
+                 output_stride=cfg["output_stride"], norm=cfg["norm"],
+                 layers=tuple(cfg["layers"]), width_mult=cfg["width_mult"])
+    _load(model, state, ckpt.path, True, [])
+    return model.eval(), cfg
+
+
+# ----------------------------------------------------------------- loading into a model
 
 def _load(model: nn.Module, state: dict, path: str, strict: bool, skipped: list,
           only_prefixes: tuple | None = None) -> LoadReport:
@@ -124,12 +393,15 @@ def _load(model: nn.Module, state: dict, path: str, strict: bool, skipped: list,
 
 
 def load_checkpoint(model: nn.Module, path, strict: bool = True) -> LoadReport:
-    """Loads the checkpoint at ``path`` into ``model`` (in place) and returns a
-    :class:`LoadReport`. ``strict=True`` raises :class:`CheckpointMismatchError`
-    listing missing / unexpected keys and shape mismatches before anything is
-    copied; ``strict=False`` loads the matching tensors and reports the rest."""
-    state = read_state_dict(path)
-    return _load(model, state, os.fspath(path), strict, [])
+    """Loads the checkpoint at ``path`` (any format of the module docstring; a
+    lipfast.train checkpoint gives its ``model``) into ``model`` (in place) and
+    returns a :class:`LoadReport`. ``strict=True`` raises
+    :class:`CheckpointMismatchError` listing missing / unexpected keys and shape
+    mismatches before anything is copied; ``strict=False`` loads the matching
+    tensors and reports the rest. ``path`` may also be a :class:`Checkpoint`
+    already read."""
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    return _load(model, ckpt.state_dict, ckpt.path, strict, [])
 
 
 _BACKBONE = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3",
