@@ -1,12 +1,15 @@
 """Helpers shared by the benchmark scripts: the environment record written with
-every --json result."""
+every --json result and the command line that produced it. The timing harness
+is benchmarks/_timing.py."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +27,24 @@ def _git(*cmd) -> str | None:
         return None
 
 
+def command(script: str, argv=None) -> str:
+    """The command that reproduces a run, e.g. 'python benchmarks/attn.py --quick'
+    (argv None: this process's own arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"benchmarks/{Path(script).name}"] + [shlex.quote(str(a))
+                                                                    for a in argv])
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the machine: device, CPUs and torch threads."""
+    name = device_name(device)
+    cpus = os.cpu_count()
+    if device.type == "cuda":
+        return f"{name} (CUDA {torch.version.cuda}), host {cpus} CPUs, torch {torch.__version__}"
+    return (f"{name}, {cpus} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -37,8 +58,9 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device) -> dict:
-    """Versions, device, threads, load and commit: what a reader needs to judge a figure."""
+def environment(device: torch.device, script: str | None = None, argv=None) -> dict:
+    """Versions, device, threads, load and commit: what a reader needs to judge a figure;
+    with ``script``, also the command line (see command())."""
     try:
         import triton
 
@@ -66,4 +88,7 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()
+    env["machine"] = machine(device)
+    if script is not None:
+        env["command"] = command(script, argv)
     return env
