@@ -43,9 +43,16 @@ lipfast - reference difference and the errors. A lipfast mismatch aborts the row
 
 Measured per row and implementation:
 
-  fwd ms      median forward time (autograd recording, as in training)
-  fwd+bwd ms  median forward + backward time (CUDA: synchronised; CPU: wall);
-              the implementations' steps are interleaved round-robin
+  fwd ms      forward time (autograd recording, as in training), median
+              [20th-80th percentile] of the timed rounds
+  f+b ms      forward + backward time, likewise (CUDA: synchronised; CPU: wall)
+  rounds      timed rounds. Timing (benchmarks/_timing.py, shared by every
+              benchmark): warm-up rounds until each step's last two times agree
+              within 10%, then rounds in which every implementation's forward and
+              forward + backward steps run once each, in an order rotated every
+              round, until the row has its minimum rounds and minimum time; a
+              wide spread or a busy machine (other processes' CPU time, from
+              /proc/stat) is warned about under the row and in --json
   speedup     reference time / this time (> 1: faster than the reference)
   saved MB    bytes of the unique storages saved for backward
               (torch.autograd.graph.saved_tensors_hooks), the row's inputs,
@@ -65,8 +72,9 @@ Measured per row and implementation:
               relates it to this device's bf16 matmul rate measured here
               (median of 8192^3 bf16 matmuls)
 
-Run: ``python benchmarks/attn.py`` (CPU: small shapes, about a minute on 2
-cores; CUDA: the full shapes, fp32 and bf16). ``--json PATH`` writes every
+Run: ``python benchmarks/attn.py`` (CPU: small shapes, a few minutes on 2
+cores; CUDA: the full shapes, fp32 and bf16); ``--quick``: the small shapes,
+3 rounds, for a smoke run (figures not for quoting). ``--json PATH`` writes every
 number and the environment, ``--plot PATH`` a bar chart of the speedups
 (needs matplotlib), ``--also-abn`` runs benchmarks/abn.py (In-Place ABN) too.
 On a CPU where other processes keep half the cores or more busy at the start
@@ -83,7 +91,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -100,6 +107,7 @@ from lipfast.ops import oc_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _timing  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("lipfast", "reference", "sdpa")
@@ -391,16 +399,6 @@ def run_step(impl: Impl, gout: torch.Tensor | None, backward: bool):
     return out
 
 
-def time_once(impl: Impl, gout, backward: bool, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = run_step(impl, gout, backward)
-    _sync(device)
-    dt = (time.perf_counter() - t0) * 1e3
-    del out
-    return dt
-
-
 @contextlib.contextmanager
 def count_saved(impl: Impl, seen: dict):
     """Records the unique storages saved for backward (their bytes by data pointer),
@@ -500,10 +498,10 @@ def pick_sdpa_backend(impl: Impl, gout, device, tries: int = 3) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(2):
-                    time_once(trial, gout, True, device)
-                ms = statistics.median(time_once(trial, gout, True, device)
-                                       for _ in range(tries))
+                m = _timing.measure({name: lambda t=trial: run_step(t, gout, True)}, device,
+                                    warmup=2, max_warmup=2, min_rounds=tries,
+                                    max_rounds=tries, probe=False)
+                ms = m[name].median
         except Exception as err:  # noqa: BLE001 - a backend that cannot run this case
             msg = (str(err).splitlines() or [type(err).__name__])[0]
             tried[name.lower()] = f"failed: {msg[:160]}"
@@ -528,18 +526,11 @@ def _chain(a, b):
 def bf16_matmul_tflops(device, n: int = 8192, reps: int = 5) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    m = _timing.measure({"matmul": lambda: a @ b}, device, timer="events", warmup=3,
+                        max_warmup=10, min_rounds=reps, probe=False)
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n ** 3 / (m["matmul"].median * 1e-3) / 1e12
 
 
 # --------------------------------------------------------------------------- checking
@@ -669,10 +660,18 @@ class Result:
     method: str
     status: str = "ok"  # ok / skipped / failed
     note: str = ""
-    fwd_ms: float | None = None
+    fwd_ms: float | None = None  # medians
     fwdbwd_ms: float | None = None
+    fwd_p20_ms: float | None = None
+    fwd_p80_ms: float | None = None
+    fwdbwd_p20_ms: float | None = None
+    fwdbwd_p80_ms: float | None = None
+    fwdbwd_min_ms: float | None = None
+    rounds: int | None = None
     fwd_times_ms: list = field(default_factory=list)
     fwdbwd_times_ms: list = field(default_factory=list)
+    fwdbwd_warmup_ms: list = field(default_factory=list)
+    timing_warnings: list = field(default_factory=list)
     fwd_speedup: float | None = None
     fwdbwd_speedup: float | None = None
     saved_mb: float | None = None
@@ -771,8 +770,10 @@ def module_flops(cfg) -> float:
     return core_flops(_core(b, h // 2, w // 2, out // 2, out))
 
 
-def measure(impls: dict, results: dict, gout, device, args) -> None:
-    """Memory (one forward+backward step each), then the timed rounds."""
+def measure(impls: dict, results: dict, gout, device, settings) -> _timing.Measurement:
+    """Memory (one forward+backward step each), then the timed rounds: every
+    implementation's forward and forward+backward steps interleaved
+    (benchmarks/_timing.py)."""
     for name, impl in impls.items():
         m = memory_step(impl, gout, device)
         r = results[name]
@@ -780,26 +781,24 @@ def measure(impls: dict, results: dict, gout, device, args) -> None:
         r.peak_mb = None if m["peak"] is None else m["peak"] / 2**20
         r.largest_mb = None if m["largest"] is None else m["largest"] / 2**20
 
-    # Timing: warm-up, then rounds interleaved over the implementations.
-    for _ in range(args.warmup):
-        for impl in impls.values():
-            time_once(impl, gout, True, device)
-    t0 = time.perf_counter()
-    rnd = 0
-    while True:
-        for name, impl in impls.items():
-            results[name].fwd_times_ms.append(time_once(impl, gout, False, device))
-        for name, impl in impls.items():
-            results[name].fwdbwd_times_ms.append(time_once(impl, gout, True, device))
-        rnd += 1
-        spent = time.perf_counter() - t0
-        if args.budget and rnd >= 3 and spent > args.budget:
-            break
-        if rnd >= args.repeats and (spent >= args.min_time or rnd >= 10 * args.repeats):
-            break
+    steps = {}
+    for name, impl in impls.items():
+        steps[f"{name} fwd"] = lambda impl=impl: run_step(impl, gout, False)
+        steps[f"{name} fwd+bwd"] = lambda impl=impl: run_step(impl, gout, True)
+    m = _timing.measure(steps, device, settings)
+    for name in impls:
+        r, f, fb = results[name], m[f"{name} fwd"], m[f"{name} fwd+bwd"]
+        r.fwd_times_ms, r.fwdbwd_times_ms = list(f.times_ms), list(fb.times_ms)
+        r.fwdbwd_warmup_ms = list(fb.warmup_ms)
+        r.fwd_ms, r.fwd_p20_ms, r.fwd_p80_ms = f.median, f.p20, f.p80
+        r.fwdbwd_ms, r.fwdbwd_p20_ms, r.fwdbwd_p80_ms = fb.median, fb.p20, fb.p80
+        r.fwdbwd_min_ms = fb.min
+        r.rounds = m.rounds
+        r.timing_warnings = list(m.warnings)
+    return m
 
 
-def run_row(spec: RowSpec, cfg: dict, dtype: str, device, args, tag: str,
+def run_row(spec: RowSpec, cfg: dict, dtype: str, device, settings, tag: str,
             matmul_tflops: float | None) -> list[Result]:
     cuda = device.type == "cuda"
     shape = describe(spec, cfg)
@@ -872,7 +871,7 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, args, tag: str,
         del impls["sdpa"]
 
     try:
-        measure(impls, results, gout, device, args)
+        m = measure(impls, results, gout, device, settings)
     except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, next row
         for r in results.values():
             if r.status == "ok":
@@ -885,10 +884,6 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, args, tag: str,
             torch.cuda.empty_cache()
         return list(results.values())
     ref = results[REFERENCE]
-    for name in impls:
-        r = results[name]
-        r.fwd_ms = statistics.median(r.fwd_times_ms)
-        r.fwdbwd_ms = statistics.median(r.fwdbwd_times_ms)
     for name in impls:
         r = results[name]
         r.fwd_speedup = ref.fwd_ms / r.fwd_ms
@@ -904,10 +899,11 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, args, tag: str,
     parts = []
     for name in impls:
         r = results[name]
-        parts.append(f"{name} {r.fwd_ms:.2f}/{r.fwdbwd_ms:.2f} ms"
+        parts.append(f"{name} {m[name + ' fwd'].fmt()} / {m[name + ' fwd+bwd'].fmt()} ms"
                      + ("" if name == REFERENCE else f" (x{r.fwdbwd_speedup:.2f})"))
-    print(f"    fwd/fwd+bwd: {', '.join(parts)}; {len(ref.fwdbwd_times_ms)} rounds, "
-          f"row {time.perf_counter() - t_row:.1f} s", flush=True)
+    print(f"    fwd / fwd+bwd, median [p20-p80]: {', '.join(parts)}; {m.rounds} rounds after "
+          f"{m.warmup_rounds} warm-up, row {time.perf_counter() - t_row:.1f} s", flush=True)
+    _timing.print_warnings(m)
     del impls
     if cuda:
         torch.cuda.empty_cache()
@@ -922,8 +918,9 @@ def fmt(v, spec, none="-"):
 
 
 def print_table(results: list[Result], cuda: bool) -> None:
-    cols = [("row", 20, "<"), ("dtype", 5, "<"), ("method", 9, "<"), ("fwd ms", 9, ">"),
-            ("speedup", 7, ">"), ("f+b ms", 9, ">"), ("speedup", 7, ">"),
+    cols = [("row", 20, "<"), ("dtype", 5, "<"), ("method", 9, "<"),
+            ("fwd ms [p20-p80]", 19, ">"), ("speedup", 7, ">"),
+            ("f+b ms [p20-p80]", 19, ">"), ("speedup", 7, ">"), ("rounds", 6, ">"),
             ("saved MB", 9, ">"), ("mem x", 6, ">"), ("peak MB", 9, ">"), ("mem x", 6, ">")]
     if cuda:
         cols += [("TF/s fwd", 8, ">"), ("TF/s f+b", 8, ">"), ("% bf16", 6, ">")]
@@ -940,8 +937,11 @@ def print_table(results: list[Result], cuda: bool) -> None:
         if first:
             print(f"{'':20} {r.shape}")
         vals = [r.row if first else "", r.dtype if first else "", r.method,
-                fmt(r.fwd_ms, ".2f"), fmt(r.fwd_speedup, ".2f"), fmt(r.fwdbwd_ms, ".2f"),
-                fmt(r.fwdbwd_speedup, ".2f"), fmt(r.saved_mb, ".1f"), fmt(r.saved_ratio, ".2f"),
+                _timing.fmt_spread(r.fwd_ms, r.fwd_p20_ms, r.fwd_p80_ms),
+                fmt(r.fwd_speedup, ".2f"),
+                _timing.fmt_spread(r.fwdbwd_ms, r.fwdbwd_p20_ms, r.fwdbwd_p80_ms),
+                fmt(r.fwdbwd_speedup, ".2f"), fmt(r.rounds, "d"),
+                fmt(r.saved_mb, ".1f"), fmt(r.saved_ratio, ".2f"),
                 fmt(r.peak_mb, ".1f"), fmt(r.peak_ratio, ".2f")]
         if cuda:
             vals += [fmt(r.tflops_fwd, ".1f"), fmt(r.tflops_fwdbwd, ".1f"),
@@ -1003,32 +1003,11 @@ def plot(results: list[Result], path: str, title: str) -> bool:
     return True
 
 
-def environment(device) -> dict:
-    env = _common.environment(device)
+def environment(device, argv=None) -> dict:
+    env = _common.environment(device, __file__, argv)
     env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     return env
-
-
-def busy_cores(window: float = 0.5) -> float | None:
-    """CPUs kept busy by other processes over a short window (from /proc/stat; this
-    process is idle meanwhile), or None where /proc/stat is unreadable."""
-
-    def sample():
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return sum(vals[:8]), idle
-
-    try:
-        t0, i0 = sample()
-        time.sleep(window)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if t1 <= t0:
-        return None
-    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
 
 
 def _load(name: str):
@@ -1042,40 +1021,49 @@ def _load(name: str):
 
 # --------------------------------------------------------------------------- driver
 
+# Timing defaults (benchmarks/_timing.py): CPU rows take 10 ms to 2 s a round, so
+# cheap rows get many rounds (3 s of timed steps) and dear ones at least 10.
+CPU_TIMING = _timing.Settings(warmup=2, max_warmup=5, max_warmup_seconds=10.0, min_rounds=10,
+                              min_seconds=3.0, max_rounds=300, max_seconds=60.0)
+CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=20, min_seconds=1.0,
+                               max_rounds=1000, max_seconds=60.0)
+QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def timing_defaults_help() -> str:
+    def d(st):
+        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
+                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
+                f"--max-time {st.max_seconds:g}")
+    return (f"Defaults: CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick {d(QUICK_TIMING)}. "
+            "--repeats is --min-rounds, --budget is --max-time.")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=shapes_help() + (
-                                    "\n\nCPU defaults: the CPU shapes, fp32, 3 timed rounds "
-                                    "per row or more for cheap rows (--min-time), about a "
-                                    "minute on 2 cores. CUDA defaults: the "
-                                    "full shapes, fp32 and bf16, 20 rounds."))
+                                    "\n\nCPU defaults: the CPU shapes, fp32, at least 10 "
+                                    "timed rounds and 3 s of timed steps per row, a few "
+                                    "minutes on 2 cores. CUDA defaults: the full shapes, fp32 "
+                                    "and bf16, at least 20 rounds and 1 s per row. --quick: "
+                                    "the CPU shapes, 1 warm-up and 3 timed rounds, seconds "
+                                    "per row (a smoke run; not for quoting)."))
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true",
                       help="the issue's full shapes (default on CUDA; very slow on CPU)")
     size.add_argument("--small", action="store_true",
                       help="the reduced CPU shapes (default on CPU; a quick smoke run on CUDA)")
+    size.add_argument("--quick", action="store_true",
+                      help="the reduced CPU shapes and quick timing (1 warm-up, 3 rounds): a "
+                           "smoke run, figures not for quoting")
     p.add_argument("--rows", nargs="+", metavar="SUBSTR",
                    help="only rows whose name contains one of these (case-insensitive), "
                         "e.g. --rows os8 Module")
     p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default=None,
                    help="fp32, bf16 (inputs in bf16; module rows under torch.autocast) or both "
                         "(default: both on CUDA, fp32 on CPU; bf16 needs CUDA)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per row at least, median reported (default: 3 on CPU, "
-                        "20 on CUDA; see --min-time)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed forward+backward steps per implementation after the check "
-                        "step (default: 0 on CPU, 3 on CUDA)")
-    p.add_argument("--min-time", type=float, default=None, metavar="S",
-                   help="after --repeats rounds, keep timing a row until its rounds took S "
-                        "seconds (at most 10x --repeats rounds): more rounds for cheap rows "
-                        "(default: 1.5 on CPU, 0 on CUDA)")
-    p.add_argument("--budget", type=float, default=None, metavar="S",
-                   help="stop a row's timed rounds after S seconds (at least 3 rounds run); "
-                        "0 = no limit (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) first (default: torch's choice, but 1 on CPU "
                         "when other processes keep half the cores or more busy at the start: "
@@ -1085,8 +1073,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write a grouped bar chart of the speedups (PNG; needs matplotlib)")
     p.add_argument("--also-abn", action="store_true",
                    help="then run benchmarks/abn.py (In-Place ABN) with the same --device "
-                        "and --full/--small; its results go into --json under 'abn'")
-    return p.parse_args(argv)
+                        "and --full/--small/--quick; its results go into --json under 'abn'")
+    _timing.add_arguments(p, timing_defaults_help())
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -1098,39 +1091,30 @@ def main(argv=None) -> dict:
         sys.exit(f"--device {args.device}: CUDA is not available (torch {torch.__version__})")
     if cuda and device.index is not None:
         torch.cuda.set_device(device)
-    threads_note = None
-    ncpu = os.cpu_count() or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif not cuda and ncpu > 1:
-        busy = busy_cores()
-        if busy is not None and busy >= 0.5 * ncpu:
-            # Other processes hold cores: multi-threaded (OpenMP) kernels then stall at
-            # every barrier on a descheduled thread (several-fold slowdowns); one
-            # thread is far steadier and faster.
-            torch.set_num_threads(1)
-            threads_note = (f"other processes kept {busy:.1f} of {ncpu} CPUs busy just before "
-                            "the start, so this run uses 1 thread (torch.set_num_threads(1)); "
-                            "--threads N overrides")
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(args.threads, device, machine)
     dtype_arg = args.dtype or ("both" if cuda else "fp32")
     dtypes = ["fp32", "bf16"] if dtype_arg == "both" else [dtype_arg]
     if "bf16" in dtypes and not cuda:
         sys.exit("--dtype bf16 needs CUDA (lipfast's CPU In-Place ABN kernels are fp32/fp64 "
                  "only, so the module rows cannot run in bf16 on CPU)")
-    full = args.full or (cuda and not args.small)
-    args.repeats = args.repeats if args.repeats is not None else (20 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
-    args.budget = args.budget or 0.0
-    args.min_time = args.min_time if args.min_time is not None else (0.0 if cuda else 1.5)
+    full = args.full or (cuda and not (args.small or args.quick))
+    settings = _timing.settings_from_args(
+        args, QUICK_TIMING if args.quick else (CUDA_TIMING if cuda else CPU_TIMING))
     warnings.filterwarnings("ignore", message="InPlaceABNSync: torch.distributed is not "
                             "initialised")
 
-    env = environment(device)
+    env = environment(device, argv)
+    env["machine_check"] = machine
     print(f"lipfast OC attention benchmark on {device} ({env['device_name']}), torch "
           f"{torch.__version__}, triton {env['triton']}, {env['num_threads']} threads, "
-          f"{'full' if full else 'CPU (reduced)'} shapes, dtype {dtype_arg}, "
-          f"{args.repeats} rounds")
+          f"{'full' if full else 'CPU (reduced)'} shapes, dtype {dtype_arg}")
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
     notes = []
+    if machine["warning"]:
+        print("WARNING: " + machine["warning"])
+        notes.append(machine["warning"])
     if threads_note:
         print("note: " + threads_note)
         notes.append(threads_note)
@@ -1164,7 +1148,8 @@ def main(argv=None) -> dict:
     results: list[Result] = []
     t_start = time.perf_counter()
     for i, (spec, cfg, dt) in enumerate(plan):
-        results += run_row(spec, cfg, dt, device, args, f"[{i + 1}/{len(plan)}]", matmul_tflops)
+        results += run_row(spec, cfg, dt, device, settings, f"[{i + 1}/{len(plan)}]",
+                           matmul_tflops)
     elapsed = time.perf_counter() - t_start
 
     print()
@@ -1183,14 +1168,19 @@ def main(argv=None) -> dict:
         print("TF/s: attention-core TFLOP/s (core rows), forward (2 n^2 (dk + dv) per image "
               "and region) and forward+backward (3.5 x that); % bf16: forward+backward rate "
               f"as a share of the measured {matmul_tflops:.0f} TFLOP/s bf16 matmul")
+    print("times: median [20th-80th percentile] of the timed rounds (benchmarks/_timing.py)")
     for n in notes:
         print("note: " + n)
+    warned = sorted({(r.row, r.dtype) for r in results if r.timing_warnings})
+    if warned:
+        print(f"timing warnings (see each row above) in {len(warned)} row(s): "
+              + ", ".join(f"{a} [{b}]" for a, b in warned))
 
     result = {
         "benchmark": "attn",
         "environment": env,
-        "config": dict(device=str(device), full=full, dtypes=dtypes, repeats=args.repeats,
-                       min_time_s=args.min_time, warmup=args.warmup, budget_s=args.budget,
+        "config": dict(device=str(device), full=full, quick=args.quick, dtypes=dtypes,
+                       timing=_timing.settings_summary(settings),
                        rows=sorted({r.name for r, _, _ in plan}),
                        threads=torch.get_num_threads(), threads_note=threads_note),
         "rows": {f"{spec.name}": dict(kind=spec.kind, about=spec.about, shape=describe(spec, cfg),
@@ -1208,7 +1198,8 @@ def main(argv=None) -> dict:
                                  f"torch {torch.__version__}")
     if args.also_abn:
         print("\n--also-abn: benchmarks/abn.py (In-Place ABN)\n", flush=True)
-        abn_argv = ["--device", str(device)] + (["--full"] if full else ["--small"])
+        abn_argv = ["--device", str(device)] + (
+            ["--full"] if full else (["--quick"] if args.quick else ["--small"]))
         result["abn"] = _load("abn").main(abn_argv)
     if args.json:
         with open(args.json, "w") as f:
