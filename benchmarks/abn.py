@@ -12,10 +12,13 @@ norm -> activation`` (leaky_relu, slope 0.01), trained one step at a time
   lipfast InPlaceABNSync  the same; single process: no sync, acts as InPlaceABN
   lipfast ABN         lipfast.ABN (out of place, plain torch ops)
 
-Reported per variant and shape: the median forward+backward time over
-``--repeats`` steps (after warm-up; CUDA is synchronised around each step; the
-variants' steps are interleaved round-robin so load on a shared machine hits
-them alike), the
+Reported per variant and shape: the forward+backward time, median [20th-80th
+percentile] of the timed rounds, and the number of rounds (benchmarks/_timing.py,
+shared by every benchmark: warm-up until each variant's last two steps agree
+within 10%, then rounds in which every variant steps once, in an order rotated
+every round so that load on a shared machine hits them alike, until the shape has
+its minimum rounds and minimum time; CUDA is synchronised around each step; a
+wide spread or a busy machine is warned about), the
 memory of the tensors saved for backward (unique storages seen by
 ``torch.autograd.graph.saved_tensors_hooks``, parameters and buffers excluded:
 the activation memory a training step keeps alive; under --dtype bf16 it also
@@ -27,7 +30,10 @@ Before timing, one step of every variant is checked against the reference with
 identical weights (lipfast's in-place layers use ``|w| + eps`` as the scale, so
 the reference gets ``|w| + eps`` where lipfast gets ``w``).
 
-Run: ``python benchmarks/abn.py [--device cuda] [--full] [--json out.json]``.
+Run: ``python benchmarks/abn.py [--device cuda] [--full] [--json out.json]``;
+``--quick``: the small shapes, 1 warm-up and 3 rounds (a smoke run, seconds).
+On a CPU where other processes keep half the cores or more busy at the start,
+the run uses one thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -49,6 +54,7 @@ import lipfast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _timing  # noqa: E402
 
 SLOPE = 0.01
 EPS = 1e-5
@@ -219,20 +225,6 @@ def peak_bytes(model, x, gout, device, dtype) -> int | None:
     return peak
 
 
-def time_steps(model, x, gout, device, dtype, warmup: int, repeats: int) -> list[float]:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step(model, x, gout, device, dtype)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step(model, x, gout, device, dtype)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def check(variants, spec, x, gout, device) -> dict:
     """One float32 step of each variant against the reference: output, loss
     sum(out * g), conv weight gradients and norm weight/bias gradients (lipfast's
@@ -291,8 +283,13 @@ class Row:
     depth: int
     variant: str
     dtype: str
-    time_ms: float | None = None
+    time_ms: float | None = None  # median
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    min_ms: float | None = None
+    rounds: int | None = None
     times_ms: list = field(default_factory=list)
+    warmup_ms: list = field(default_factory=list)
     saved_mb: float | None = None
     peak_mb: float | None = None
     time_ratio: float | None = None
@@ -301,13 +298,13 @@ class Row:
     note: str = ""
 
 
-def environment(device: torch.device) -> dict:
-    env = _common.environment(device)
+def environment(device: torch.device, argv=None) -> dict:
+    env = _common.environment(device, __file__, argv)
     env["distributed_initialized"] = dist.is_available() and dist.is_initialized()
     return env
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -315,30 +312,25 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"Shapes: small (default on CPU): B={SMALL['batch']}, C={SMALL['channels']}, "
             f"H=W in {SMALL['sizes']}; full (--full, default on CUDA; the issue's sizes): "
             f"B={FULL['batch']}, C={FULL['channels']}, H=W in {FULL['sizes']}. "
-            "Depth 3 by default. The small CPU defaults finish in well under a minute "
-            "on 2 cores."
+            "Depth 3 by default. The small CPU defaults take about a minute on 2 cores "
+            "(--quick: seconds)."
         ),
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the issue's full sizes (CUDA default)")
     size.add_argument("--small", action="store_true", help="the small sizes (CPU default)")
+    size.add_argument("--quick", action="store_true",
+                      help="the small sizes and quick timing (1 warm-up, 3 rounds): a smoke "
+                           "run, figures not for quoting")
     p.add_argument("--batch", type=int, help="override the batch size")
     p.add_argument("--channels", type=int, help="override the channel count")
     p.add_argument("--sizes", type=int, nargs="+", help="override the spatial sizes (H = W)")
     p.add_argument("--depth", type=int, default=3, help="conv+norm+act blocks (default 3)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed steps per row, median reported (default: 7 on CPU, 30 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps first (default: 2 on CPU, 5 on CUDA)")
-    p.add_argument("--budget", type=float, default=None, metavar="S",
-                   help="stop the timed rounds of a shape after S seconds (at least 3 rounds "
-                        "run); 0 = no limit (default: 15 on CPU, keeping the default run "
-                        "under a minute on a busy machine; none on CUDA)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) first (default: torch's choice). On a "
-                        "loaded machine multi-threaded (OpenMP) kernels slow down a lot, so "
-                        "--threads 1 gives the steadier comparison")
+                   help="torch.set_num_threads(N) first (default: torch's choice, but 1 on CPU "
+                        "when other processes keep half the cores or more busy at the start: "
+                        "multi-threaded kernels then stall)")
     p.add_argument("--dtype", choices=("float32", "bf16"), default="float32",
                    help="float32, or bf16 through torch.autocast (CUDA only: lipfast's CPU "
                         "kernels support float32/float64)")
@@ -346,7 +338,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    metavar="NAME", help="subset of variants, quoted (the reference "
                    f"{REFERENCE!r} always runs); names: {', '.join(VARIANTS)}")
     p.add_argument("--json", metavar="PATH", help="write all measurements and the environment")
-    return p.parse_args(argv)
+    _timing.add_arguments(p, timing_defaults_help())
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# Timing defaults (benchmarks/_timing.py); one round steps every variant once.
+CPU_TIMING = _timing.Settings(warmup=2, max_warmup=5, max_warmup_seconds=10.0, min_rounds=15,
+                              min_seconds=5.0, max_rounds=300, max_seconds=30.0)
+CUDA_TIMING = _timing.Settings(warmup=5, max_warmup=20, min_rounds=30, min_seconds=1.0,
+                               max_rounds=1000, max_seconds=60.0)
+QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+
+
+def timing_defaults_help() -> str:
+    def d(st):
+        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
+                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
+                f"--max-time {st.max_seconds:g}")
+    return (f"Defaults (per shape): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
+            f"{d(QUICK_TIMING)}. --repeats is --min-rounds, --budget is --max-time.")
 
 
 def fmt(v, spec, none="-"):
@@ -354,8 +368,8 @@ def fmt(v, spec, none="-"):
 
 
 def print_table(rows: list[Row], cuda: bool) -> None:
-    head = f"{'shape (B,C,H,W)':<18} {'variant':<23} {'fwd+bwd ms':>10} {'x ref':>6} " \
-           f"{'saved MB':>9} {'x ref':>6}"
+    head = f"{'shape (B,C,H,W)':<18} {'variant':<23} {'fwd+bwd ms [p20-p80]':>21} " \
+           f"{'x ref':>6} {'rounds':>6} {'saved MB':>9} {'x ref':>6}"
     if cuda:
         head += f" {'peak MB':>9} {'x ref':>6}"
     head += "  notes"
@@ -365,9 +379,10 @@ def print_table(rows: list[Row], cuda: bool) -> None:
     for r in rows:
         shape = "x".join(map(str, r.shape)) if r.shape != last else ""
         last = r.shape
-        line = (f"{shape:<18} {r.variant:<23} {fmt(r.time_ms, '10.2f'):>10} "
-                f"{fmt(r.time_ratio, '6.2f'):>6} {fmt(r.saved_mb, '9.1f'):>9} "
-                f"{fmt(r.saved_ratio, '6.2f'):>6}")
+        line = (f"{shape:<18} {r.variant:<23} "
+                f"{_timing.fmt_spread(r.time_ms, r.p20_ms, r.p80_ms):>21} "
+                f"{fmt(r.time_ratio, '6.2f'):>6} {fmt(r.rounds, 'd'):>6} "
+                f"{fmt(r.saved_mb, '9.1f'):>9} {fmt(r.saved_ratio, '6.2f'):>6}")
         if cuda:
             line += f" {fmt(r.peak_mb, '9.1f'):>9} {fmt(r.peak_ratio, '6.2f'):>6}"
         print(line + ("  " + r.note if r.note else ""))
@@ -382,45 +397,45 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: CUDA is not available (torch {torch.__version__})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if cuda and device.index is not None:
         torch.cuda.set_device(device)
     if args.dtype == "bf16" and not cuda:
         sys.exit("--dtype bf16 needs CUDA: lipfast's CPU kernels support float32 and float64")
-    preset = FULL if (args.full or (cuda and not args.small)) else SMALL
+    preset = FULL if (args.full or (cuda and not (args.small or args.quick))) else SMALL
     batch = args.batch or preset["batch"]
     channels = args.channels or preset["channels"]
     sizes = tuple(args.sizes or preset["sizes"])
-    repeats = args.repeats if args.repeats is not None else (30 if cuda else 7)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    budget = args.budget if args.budget is not None else (0.0 if cuda else 15.0)
-    budget_hits: list[dict] = []
+    settings = _timing.settings_from_args(
+        args, QUICK_TIMING if args.quick else (CUDA_TIMING if cuda else CPU_TIMING))
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(args.threads, device, machine)
     variants = [REFERENCE] + [v for v in args.variants if v != REFERENCE]
     variants = [v for v in VARIANTS if v in variants]
-    env = environment(device)
+    env = environment(device, argv)
+    env["machine_check"] = machine
     warnings.filterwarnings("ignore", message="InPlaceABNSync: torch.distributed is not "
                             "initialised")
 
     print(f"lipfast In-Place ABN benchmark on {device} ({env['device_name']}), torch "
           f"{torch.__version__}, {env['num_threads']} threads, dtype {args.dtype}")
     print(f"stack: {args.depth} x [Conv2d(C, C, 3, padding=1, bias=False) -> norm -> "
-          f"leaky_relu({SLOPE})], batch {batch}, {channels} channels, sizes {sizes}; "
-          f"median of {repeats} interleaved steps after {warmup} warm-up steps")
+          f"leaky_relu({SLOPE})], batch {batch}, {channels} channels, sizes {sizes}")
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
     print("memory: 'saved MB' = unique storages saved for backward (activations; parameters "
           "and buffers excluded)" + ("; 'peak MB' = max_memory_allocated above the "
                                      "pre-step allocation" if cuda else ""))
 
-    load = env["load_average"]
-    if not cuda and load and os.cpu_count() and load[0] > 0.75 * os.cpu_count():
-        print(f"note: load average {load[0]:.1f} on {os.cpu_count()} CPUs; other processes "
-              "compete for the cores and multi-threaded ATen kernels suffer most, so CPU "
-              "timings are noisy (--threads 1 is steadier)")
+    if machine["warning"]:
+        print(f"WARNING: {machine['warning']}")
+    if threads_note:
+        print("note: " + threads_note)
     if "syncbn+leaky" in variants and not cuda:
         print("note: " + SYNCBN_CPU_NOTE)
 
     rows: list[Row] = []
     checks = {}
+    timing: dict[str, dict] = {}
     t_start = time.perf_counter()
     n_rows = len(sizes) * len(variants)
     i_row = 0
@@ -460,43 +475,46 @@ def main(argv=None) -> dict:
                 continue
             row.note = row_note(v, device)
             model = build(v, spec, device)
-            for _ in range(warmup):
-                step(model, x, gout, device, args.dtype)
+            step(model, x, gout, device, args.dtype)  # first call: not measured
             row.saved_mb = saved_bytes(model, x, gout, device, args.dtype) / 2**20
             pk = peak_bytes(model, x, gout, device, args.dtype)
             row.peak_mb = None if pk is None else pk / 2**20
             models[v], shape_rows[v] = model, row
-            print(f"[{i_row}/{n_rows}] {v} {shape}: warmed up, saved {row.saved_mb:.1f} MB"
+            print(f"[{i_row}/{n_rows}] {v} {shape}: saved {row.saved_mb:.1f} MB"
                   + (f", peak {row.peak_mb:.1f} MB" if row.peak_mb is not None else ""),
                   flush=True)
-        print(f"  timing {len(models)} variants at {shape}, {repeats} interleaved rounds",
-              flush=True)
-        t_shape = time.perf_counter()
-        for rnd in range(repeats):
-            for v, model in models.items():
-                shape_rows[v].times_ms += time_steps(model, x, gout, device, args.dtype, 0, 1)
-            spent = time.perf_counter() - t_shape
-            if budget and rnd + 1 >= 3 and rnd + 1 < repeats and spent > budget:
-                print(f"  stopped after {rnd + 1} of {repeats} rounds: {spent:.1f} s > "
-                      f"--budget {budget:g} s per shape", flush=True)
-                budget_hits.append(dict(shape=list(shape), rounds=rnd + 1))
-                break
+        print(f"  timing {len(models)} variants at {shape}, interleaved", flush=True)
+        m = _timing.measure(
+            {v: (lambda model=model: step(model, x, gout, device, args.dtype))
+             for v, model in models.items()}, device, settings)
+        timing["x".join(map(str, shape))] = m.summary(times=False)
         ref_row = shape_rows[REFERENCE]
         for v, row in shape_rows.items():
-            row.time_ms = statistics.median(row.times_ms)
+            t = m[v]
+            row.times_ms, row.warmup_ms = list(t.times_ms), list(t.warmup_ms)
+            row.time_ms, row.p20_ms, row.p80_ms, row.min_ms = t.median, t.p20, t.p80, t.min
+            row.rounds = t.rounds
+        for v, row in shape_rows.items():
             row.time_ratio = row.time_ms / ref_row.time_ms
             row.saved_ratio = row.saved_mb / ref_row.saved_mb if ref_row.saved_mb else None
             if row.peak_mb is not None and ref_row.peak_mb:
                 row.peak_ratio = row.peak_mb / ref_row.peak_mb
-            print(f"  {v:<23} {row.time_ms:8.2f} ms  (x{row.time_ratio:.2f} of {REFERENCE})",
+            print(f"  {v:<23} {m[v].fmt():>21} ms  (x{row.time_ratio:.2f} of {REFERENCE})",
                   flush=True)
+        print(f"  {m.rounds} rounds after {m.warmup_rounds} warm-up ({m.elapsed_s:.1f} s)",
+              flush=True)
+        _timing.print_warnings(m, "  ")
         del models
         if cuda:
             torch.cuda.empty_cache()
     elapsed = time.perf_counter() - t_start
     print()
     print_table(rows, cuda)
-    print(f"\n{len(rows)} rows in {elapsed:.1f} s")
+    print(f"\n{len(rows)} rows in {elapsed:.1f} s; times: median [20th-80th percentile] of "
+          "the timed rounds (benchmarks/_timing.py)")
+    warned = [k for k, t in timing.items() if t["warnings"]]
+    if warned:
+        print(f"timing warnings (see above) at {', '.join(warned)}")
     if "syncbn+leaky" in variants and not cuda:
         print("note: " + SYNCBN_CPU_NOTE)
 
@@ -504,9 +522,11 @@ def main(argv=None) -> dict:
         "benchmark": "abn",
         "environment": env,
         "config": dict(device=str(device), batch=batch, channels=channels, sizes=list(sizes),
-                       depth=args.depth, repeats=repeats, warmup=warmup, dtype=args.dtype,
-                       slope=SLOPE, eps=EPS, threads=torch.get_num_threads(), budget_s=budget,
-                       budget_stops=budget_hits),
+                       depth=args.depth, quick=args.quick, dtype=args.dtype,
+                       slope=SLOPE, eps=EPS, threads=torch.get_num_threads(),
+                       threads_note=threads_note,
+                       timing=_timing.settings_summary(settings)),
+        "timing": timing,
         "checks": checks,
         "rows": [asdict(r) for r in rows],
         "elapsed_s": elapsed,
@@ -519,4 +539,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
