@@ -24,14 +24,22 @@ Rows (each: lipfast vs reference, forward + backward):
 
 Shapes: --full (GPU): LIP training, B=8, C=20, 119x119 logits, 473x473 labels.
 Default (CPU, about a minute on 2 cores): B=2, C=20, 30x30 logits, 119x119 labels.
+--quick: B=1, C=20, 15x15 logits, 60x60 labels, 1 warm-up and 3 rounds per row,
+the Lovász memory rows at B=1, 60x60 (a smoke run, seconds; not for quoting).
 
-Measured: median forward + backward time over --reps steps after --warmup
-(CUDA: synchronised), implementations interleaved; memory: "saved MB" = bytes
-of the unique storages saved for backward (torch.autograd.graph
+Measured: forward + backward time, median [20th-80th percentile] of the timed
+rounds, and the number of rounds (benchmarks/_timing.py, shared by every
+benchmark: warm-up until each implementation's last two steps agree within 10%,
+then rounds in which lipfast and the reference step once each, in alternating
+order, until the row has its minimum rounds and minimum time; CUDA:
+synchronised; a wide spread or a busy machine is warned about); memory: "saved
+MB" = bytes of the unique storages saved for backward (torch.autograd.graph
 .saved_tensors_hooks; on every device), and on CUDA also "peak MB" =
 torch.cuda.max_memory_allocated during the step above the inputs. A
 correctness check (values within 1e-4 relative, float32) runs first.
-``--json PATH`` writes the rows and the environment.
+``--json PATH`` writes the rows and the environment. On a CPU where other
+processes keep half the cores or more busy at the start, the run uses one
+thread unless --threads says otherwise.
 
 Lovász memory (CPU; every device unless --no-rss): peak resident memory of one
 ``lovasz_softmax`` forward + backward on B x C x H x W logits already at label
@@ -47,8 +55,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
@@ -174,15 +183,17 @@ def step(fn, leaves):
     return out
 
 
-def measure(impls, leaves, reps, warmup, device):
-    res = {name: {"times": []} for name in impls}
+def measure(impls, leaves, settings, device):
+    """Memory (saved bytes; CUDA: peak) of one step per implementation, then the
+    timed rounds, implementations interleaved (benchmarks/_timing.py). Returns
+    ({name: {saved_MB, value, [peak_MB], ms (median), p20_ms, p80_ms, min_ms, rounds,
+    times_ms, warmup_ms}}, the Measurement)."""
+    res = {name: {} for name in impls}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in impls.items():
         out, sb = saved_bytes(fn)
         res[name]["saved_MB"] = sb / 2**20
         res[name]["value"] = float(out.detach().float().sum())
-        for _ in range(warmup):
-            step(fn, leaves)
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -190,16 +201,14 @@ def measure(impls, leaves, reps, warmup, device):
             step(fn, leaves)
             sync()
             res[name]["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    for _ in range(reps):
-        for name, fn in impls.items():
-            sync()
-            t0 = time.perf_counter()
-            step(fn, leaves)
-            sync()
-            res[name]["times"].append((time.perf_counter() - t0) * 1e3)
-    for r in res.values():
-        r["ms"] = statistics.median(r.pop("times"))
-    return res
+    m = _timing.measure({name: (lambda fn=fn: step(fn, leaves)) for name, fn in impls.items()},
+                        device, settings)
+    for name in impls:
+        t = m[name]
+        res[name].update(ms=t.median, p20_ms=t.p20, p80_ms=t.p80, min_ms=t.min,
+                         rounds=t.rounds, times_ms=list(t.times_ms),
+                         warmup_ms=list(t.warmup_ms))
+    return res, m
 
 
 def labels_like(b, H, W, c, device, seed=0):
@@ -283,31 +292,82 @@ def _rss_child(spec: str) -> None:
 def lovasz_memory(b: int, c: int, hw: int) -> dict:
     res = {}
     for impl in RSS_IMPLS:
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         r = subprocess.run([sys.executable, __file__, "--_rss-child", f"{impl},{b},{c},{hw}"],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=env)
         res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
     return res
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="LIP training shapes (GPU)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--json", default=None)
+# Timing defaults (benchmarks/_timing.py): the CPU rows take 1-100 ms a step.
+CPU_TIMING = _timing.Settings(warmup=2, max_warmup=10, max_warmup_seconds=10.0, min_rounds=20,
+                              min_seconds=2.0, max_rounds=500, max_seconds=30.0)
+CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=30, min_seconds=1.0,
+                               max_rounds=1000, max_seconds=30.0)
+QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+
+
+def timing_defaults_help() -> str:
+    def d(st):
+        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
+                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
+                f"--max-time {st.max_seconds:g}")
+    return (f"Defaults (per row): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
+            f"{d(QUICK_TIMING)}. --reps is --min-rounds.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true",
+                      help="LIP training shapes (for GPUs; the Lovász memory rows at B=8, "
+                           "473x473)")
+    size.add_argument("--quick", action="store_true",
+                      help="small shapes (B=1, 15x15 logits, 60x60 labels; Lovász memory "
+                           "rows at 60x60) and quick timing (1 warm-up, 3 rounds): a smoke "
+                           "run, figures not for quoting")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
+                                                   "available)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="write the rows and the environment")
     ap.add_argument("--no-rss", action="store_true", help="skip the Lovász peak-memory rows")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (default: torch's choice, but 1 on CPU "
+                        "when other processes keep half the cores or more busy at the start: "
+                        "multi-threaded kernels then stall)")
     ap.add_argument("--_rss-child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    _timing.add_arguments(ap, timing_defaults_help())
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args._rss_child:
         _rss_child(args._rss_child)
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.full:
         b, c, h, H = 8, 20, 119, 473
+    elif args.quick:
+        b, c, h, H = 1, 20, 15, 60
     else:
         b, c, h, H = 2, 20, 30, 119
-    reps = args.reps or (20 if device.type == "cuda" else 5)
+    settings = _timing.settings_from_args(
+        args, QUICK_TIMING if args.quick else (CUDA_TIMING if device.type == "cuda"
+                                               else CPU_TIMING))
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(args.threads, device, machine)
+    env = environment(device, __file__, argv)
+    env["machine_check"], env["threads_note"] = machine, threads_note
+    print(f"lipfast loss benchmark on {device} ({env['device_name']}), B={b} C={c} logits "
+          f"{h}x{h} labels {H}x{H}")
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
+    if machine["warning"]:
+        print("WARNING: " + machine["warning"])
+    if threads_note:
+        print("note: " + threads_note)
     g = torch.Generator().manual_seed(0)
     labels = labels_like(b, H, H, c, device)
     edges = generate_edge(labels)
@@ -331,8 +391,13 @@ def main(argv=None):
         err = float((vals["lipfast"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         good = err < 1e-4
         ok &= good
-        res = measure(impls, leaves, reps, args.warmup, device)
-        rows.append({"row": name, "rel_err": err, "ok": good, **{k: v for k, v in res.items()}})
+        res, m = measure(impls, leaves, settings, device)
+        print(f"  {name:<14} lipfast {m['lipfast'].fmt()} ms, reference {m['reference'].fmt()} "
+              f"ms; {m.rounds} rounds after {m.warmup_rounds} warm-up; rel err {err:.1e}"
+              + ("" if good else "  MISMATCH"), flush=True)
+        _timing.print_warnings(m)
+        rows.append({"row": name, "rel_err": err, "ok": good, **{k: v for k, v in res.items()},
+                     "timing": m.summary(times=False)})
 
     with torch.no_grad():
         upar = up(par, size).detach().requires_grad_()
@@ -352,34 +417,44 @@ def main(argv=None):
         [par, fus, edg])
 
     mem = "saved MB" + (" / peak MB" if device.type == "cuda" else "")
-    print(f"device {device} ({environment(device)['device_name']}), B={b} C={c} "
-          f"logits {h}x{h} labels {H}x{H}, median of {reps}; memory: {mem}")
-    print(f"{'row':<14} {'lipfast ms':>11} {'ref ms':>9} {'speedup':>8} "
-          f"{'lipfast mem':>14} {'ref mem':>14} {'rel err':>9}")
+    print(f"\ndevice {device} ({env['device_name']}), B={b} C={c} logits {h}x{h} labels "
+          f"{H}x{H}; times: median [20th-80th percentile] of the timed rounds; memory: {mem}")
+    print(f"{'row':<14} {'lipfast ms [p20-p80]':>22} {'ref ms [p20-p80]':>22} {'speedup':>8} "
+          f"{'rounds':>6} {'lipfast mem':>12} {'ref mem':>12} {'rel err':>9}")
     for r in rows:
         L, R = r["lipfast"], r["reference"]
 
         def m(x):
             return f"{x['saved_MB']:.1f}" + (f"/{x['peak_MB']:.0f}" if "peak_MB" in x else "")
-        print(f"{r['row']:<14} {L['ms']:>11.2f} {R['ms']:>9.2f} {R['ms'] / L['ms']:>7.2f}x "
-              f"{m(L):>14} {m(R):>14} {r['rel_err']:>9.1e}{'' if r['ok'] else '  MISMATCH'}")
+
+        def t(x):
+            return _timing.fmt_spread(x["ms"], x["p20_ms"], x["p80_ms"])
+        print(f"{r['row']:<14} {t(L):>22} {t(R):>22} {R['ms'] / L['ms']:>7.2f}x "
+              f"{L['rounds']:>6} {m(L):>12} {m(R):>12} {r['rel_err']:>9.1e}"
+              f"{'' if r['ok'] else '  MISMATCH'}")
+    warned = [r["row"] for r in rows if r["timing"]["warnings"]]
+    if warned:
+        print(f"timing warnings (see above) in rows {', '.join(warned)}")
     lov_mem = None
     if not args.no_rss:
-        lb, lhw = (8, 473) if args.full else (2, 119)
+        lb, lhw = (8, 473) if args.full else ((1, 60) if args.quick else (2, 119))
         lov_mem = {"shape": dict(b=lb, c=c, H=lhw, W=lhw), **lovasz_memory(lb, c, lhw)}
         print(f"\nLovász forward+backward on CPU, B={lb} C={c} {lhw}x{lhw} logits (inputs "
-              f"{lov_mem['lipfast']['inputs_MB']:.0f} MB): peak RSS above the inputs, one run")
+              f"{lov_mem['lipfast']['inputs_MB']:.0f} MB, {torch.get_num_threads()} threads): "
+              "peak RSS above the inputs, one run")
         for impl in RSS_IMPLS:
             r = lov_mem[impl]
             print(f"  {impl:<22} {r['peak_extra_MB']:>8.0f} MB {r['ms']:>9.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"env": environment(device), "shape": dict(b=b, c=c, h=h, H=H), "reps": reps,
+            {"env": env, "shape": dict(b=b, c=c, h=h, H=H),
+             "timing": _timing.settings_summary(settings),
              "lovasz_cpu_peak_rss": lov_mem,
              "memory": "saved-tensor bytes (saved_tensors_hooks)" + (
                  "; peak_MB = cuda max_memory_allocated above inputs"
                  if device.type == "cuda" else ""),
              "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
     return 0 if ok else 1
 
 

@@ -31,20 +31,25 @@ maximum), .cpu() = 1, a Python bool() of a tensor = 1).
 
 Shapes: default (full): B=8, C=20, labels 473x473; logits 473x473, and logits
 119x119 with resize. --quick: B=2, labels 119x119; logits 119x119 and 30x30.
-Median time per batch over --reps batches after --warmup (CUDA: synchronised),
-implementations interleaved. The matrices of all implementations are compared
+Time per batch: median [20th-80th percentile] of the timed rounds, and the
+number of rounds (benchmarks/_timing.py, shared by every benchmark: warm-up until
+each implementation's last two batches agree within 10%, then rounds in which
+every implementation counts one batch, in an order rotated every round, until
+the case has its minimum rounds and minimum time; CUDA: synchronised; a wide
+spread or a busy machine is warned about). --quick also times 1 warm-up and 3
+rounds (a smoke run; figures not for quoting). The matrices of all implementations are compared
 first (identical at full resolution; with resize, lipfast's fused
 interpolation may move a near-tie pixel through FMA contraction: reported).
 ``--json PATH`` writes the rows and the environment (benchmarks/_common.py).
+On a CPU where other processes keep half the cores or more busy at the start,
+the run uses one thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -53,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
@@ -132,7 +138,7 @@ def count_syncs(fn, device) -> int:
     return sum(1 for w in rec if "synchroniz" in str(w.message).lower())
 
 
-def run_case(name, b, c, h, hh, device, reps, warmup):
+def run_case(name, b, c, h, hh, device, settings):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(b, c, h, h, generator=g).to(device)
     labels = torch.randint(0, c, (b, hh, hh), generator=g)
@@ -160,61 +166,104 @@ def run_case(name, b, c, h, hh, device, reps, warmup):
     diff = {k: int((m - ref).abs().sum()) for k, m in mats.items()}
     syncs = {k: (count_syncs(lambda: fn(states[k]), device) if device.type == "cuda"
                  else SYNCS[k]) for k, fn in impls.items()}
-    for _ in range(warmup):
-        for k, fn in impls.items():
-            fn(states[k])
-    _sync(device)
-    times = {k: [] for k in impls}
-    for _ in range(reps):
-        for k, fn in impls.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn(states[k])
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
+    # Timed: each implementation accumulates one batch into its own matrix per round.
+    m = _timing.measure({k: (lambda k=k, fn=fn: fn(states[k])) for k, fn in impls.items()},
+                        device, settings)
+    print(f"{name}: " + ", ".join(f"{k} {m[k].fmt()} ms" for k in impls)
+          + f"; {m.rounds} rounds after {m.warmup_rounds} warm-up", flush=True)
+    _timing.print_warnings(m, "  ")
     rows = []
-    base = statistics.median(times["numpy"])
+    base = m["numpy"].median
     for k in impls:
-        med = statistics.median(times[k])
-        rows.append(dict(case=name, impl=k, ms=med * 1e3, speedup_vs_numpy=base / med,
+        t = m[k]
+        rows.append(dict(case=name, impl=k, ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
+                         min_ms=t.min, rounds=t.rounds, times_ms=list(t.times_ms),
+                         warmup_ms=list(t.warmup_ms), speedup_vs_numpy=base / t.median,
                          syncs_per_batch=syncs[k], matrix_diff_vs_numpy=diff[k],
                          logits_bytes=logits.numel() * logits.element_size()))
-    return rows
+    return rows, m.summary(times=False)
+
+
+# Timing defaults (benchmarks/_timing.py): a full CPU round (4 implementations, B=8,
+# 473x473) takes about 2.6 s, so rounds matter more than time.
+CPU_TIMING = _timing.Settings(warmup=1, max_warmup=4, max_warmup_seconds=15.0, min_rounds=10,
+                              min_seconds=3.0, max_rounds=300, max_seconds=60.0)
+CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=30, min_seconds=1.0,
+                               max_rounds=1000, max_seconds=60.0)
+QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+
+
+def timing_defaults_help() -> str:
+    def d(st):
+        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
+                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
+                f"--max-time {st.max_seconds:g}")
+    return (f"Defaults (per case): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
+            f"{d(QUICK_TIMING)}. --reps is --min-rounds.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="small shapes and quick timing (1 warm-up, 3 rounds): seconds")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (default: torch's choice, but 1 on CPU "
+                        "when other processes keep half the cores or more busy at the start: "
+                        "multi-threaded kernels then stall)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="write the rows and the environment")
+    _timing.add_arguments(ap, timing_defaults_help())
+    return ap
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small CPU shapes (seconds)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
         b, c, hh, cases = 2, 20, 119, [("119x119 logits", 119), ("30x30 logits, resize", 30)]
     else:
         b, c, hh, cases = 8, 20, 473, [("473x473 logits", 473), ("119x119 logits, resize", 119)]
-    reps = args.reps or (5 if args.quick else 7)
-    env = environment(device)
+    settings = _timing.settings_from_args(
+        args, QUICK_TIMING if args.quick else (CUDA_TIMING if device.type == "cuda"
+                                               else CPU_TIMING))
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(args.threads, device, machine)
+    env = environment(device, __file__, argv)
+    env["machine_check"], env["threads_note"] = machine, threads_note
     print(f"device {device} ({env['device_name']}), threads {env['num_threads']}, B={b} C={c} "
-          f"labels {hh}x{hh}, median of {reps} batches")
-    rows = []
+          f"labels {hh}x{hh}")
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
+    if machine["warning"]:
+        print("WARNING: " + machine["warning"])
+    if threads_note:
+        print("note: " + threads_note)
+    rows, timing = [], {}
     for name, h in cases:
-        rows += run_case(name, b, c, h, hh, device, reps, args.warmup)
+        case_rows, timing[name] = run_case(name, b, c, h, hh, device, settings)
+        rows += case_rows
     sync_note = "counted" if device.type == "cuda" else "as written"
-    print(f"\n| case | impl | ms / batch | x numpy | host syncs / batch ({sync_note}) | "
-          f"matrix diff vs numpy |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| case | impl | ms / batch, median [p20-p80] | x numpy | rounds | "
+          f"host syncs / batch ({sync_note}) | matrix diff vs numpy |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['impl']} | {r['ms']:.1f} | {r['speedup_vs_numpy']:.2f} | "
-              f"{r['syncs_per_batch']} | {r['matrix_diff_vs_numpy']} |")
+        print(f"| {r['case']} | {r['impl']} | "
+              f"{_timing.fmt_spread(r['ms'], r['p20_ms'], r['p80_ms'])} | "
+              f"{r['speedup_vs_numpy']:.2f} | {r['rounds']} | {r['syncs_per_batch']} | "
+              f"{r['matrix_diff_vs_numpy']} |")
+    warned = [k for k, t in timing.items() if t["warnings"]]
+    if warned:
+        print(f"timing warnings (see above) in: {', '.join(warned)}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"env": env, "shape": dict(b=b, c=c, labels=hh), "reps": reps, "rows": rows},
-            indent=2))
+            {"env": env, "shape": dict(b=b, c=c, labels=hh),
+             "timing_settings": _timing.settings_summary(settings), "timing": timing,
+             "rows": rows}, indent=2))
         print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
