@@ -24,10 +24,13 @@ A step is: edge labels from the label map, forward (under bf16 autocast on
 CUDA), the SCHP criterion in float32, backward, SGD (momentum 0.9, weight decay
 5e-4). Reported per stack: step-0 loss (the two must agree within --tol
 relative; the script prints the difference and exits with status 1 when it does
-not), median and best step time over --reps steps after --warmup (both stacks
-in one process, their steps alternating, so that load from other processes hits
-both alike; on a shared machine the best step is the steadier figure), and
-peak memory (one stack per fresh process, one measured step):
+not), the step time as median [20th-80th percentile] and best of the timed
+rounds, with the number of rounds (benchmarks/_timing.py, shared by every
+benchmark: both stacks in one process, warm-up steps until each stack's last two
+agree within 10%, then rounds in which each stack steps once, in alternating
+order, so that load from other processes hits both alike; a wide spread or a
+busy machine is warned about), and peak memory (one stack per fresh process, one
+measured step):
 
   Both: the peak during the timed steps above what is allocated before them
         (model, gradients, optimizer state and batch excluded: they are the same
@@ -43,27 +46,30 @@ peak memory (one stack per fresh process, one measured step):
 
 ``--max-batch`` (CUDA) also searches the largest batch that fits (doubling,
 then bisection, one step each). Shapes: CUDA default 473x473, B=8; CPU default
-129x129, B=2 with the full ResNet-101 (about a minute); ``--quick``: a reduced
-model (one Bottleneck per stage, width x0.25), 65x65, B=2 (seconds; what the
-test runs). ``--json PATH`` writes the rows and the environment record.
+129x129, B=2 with the full ResNet-101 (a few minutes on 2 cores); ``--quick``: a
+reduced model (one Bottleneck per stage, width x0.25), 65x65, B=2, 1 warm-up
+and 3 rounds (seconds; what the test runs; figures not for quoting). ``--json
+PATH`` writes the rows and the environment record. On a CPU where other
+processes keep half the cores or more busy at the start, the run uses one
+thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 from loss import labels_like, schp_eager, schp_generate_edge_tensor  # noqa: E402
 
@@ -208,8 +214,9 @@ def _sync(device):
 
 
 def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed=0):
-    """Builds one stack alone and measures it; returns a dict (loss0, ms, peak_MB, ...).
-    Memory is the peak during the ``reps`` steps above what exists before them."""
+    """Builds one stack alone and measures its memory; returns a dict (loss0, peak_MB,
+    ...). Memory is the peak during the ``reps`` steps (after ``warmup`` steps) above
+    what exists before them. (Times come from time_interleaved.)"""
     st = Stack(config, stack, quick, batch, size, device, amp, seed)
     res = {"config": config, "stack": stack, "loss0": float(st.step(1000))}
     for i in range(warmup):
@@ -221,15 +228,9 @@ def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed
         base = torch.cuda.memory_allocated()
     else:
         rss = _PeakRSS()
-    times = []
     for i in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
         st.step(2000 + i)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    res["ms"] = statistics.median(times) if times else None
-    res["times_ms"] = times
+    _sync(device)
     if device.type == "cuda":
         res["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -238,28 +239,42 @@ def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed
     return res
 
 
-def time_interleaved(config, quick, batch, size, reps, warmup, device, amp, seed=0):
-    """Both stacks in this process, steps alternating (order flipped every round) so
-    that load from other processes hits both alike; returns {stack: {loss0, ms,
-    times_ms}}."""
+def time_interleaved(config, quick, batch, size, settings, device, amp, seed=0):
+    """Both stacks in this process, timed by benchmarks/_timing.py: steps alternating
+    (order flipped every round) so that load from other processes hits both alike;
+    the k-th step of either stack uses step seed 1001 + k (the same dropout masks).
+    Returns ({stack: {loss0, ms (median), p20_ms, p80_ms, best_ms, rounds, times_ms,
+    warmup_ms}}, the Measurement)."""
     stacks = {s: Stack(config, s, quick, batch, size, device, amp, seed)
               for s in ("reference", "lipfast")}
-    out = {s: {"loss0": float(st.step(1000)), "times_ms": []} for s, st in stacks.items()}
-    for i in range(warmup):
-        for st in stacks.values():
-            st.step(1001 + i)
-    order = list(stacks)
-    for i in range(reps):
-        for s in (order if i % 2 == 0 else order[::-1]):
-            _sync(device)
-            t0 = time.perf_counter()
-            stacks[s].step(2000 + i)
-            _sync(device)
-            out[s]["times_ms"].append((time.perf_counter() - t0) * 1e3)
-    for r in out.values():
-        r["ms"] = statistics.median(r["times_ms"])
-        r["best_ms"] = min(r["times_ms"])
-    return out
+    out = {s: {"loss0": float(st.step(1000))} for s, st in stacks.items()}
+    seeds = {s: itertools.count(1001) for s in stacks}
+    m = _timing.measure({s: st.step for s, st in stacks.items()}, device, settings,
+                        setup={s: (lambda s=s: (next(seeds[s]),)) for s in stacks})
+    for s in stacks:
+        t = m[s]
+        out[s].update(ms=t.median, p20_ms=t.p20, p80_ms=t.p80, best_ms=t.min, rounds=t.rounds,
+                      times_ms=list(t.times_ms), warmup_ms=list(t.warmup_ms))
+    return out, m
+
+
+# Timing defaults (benchmarks/_timing.py). CPU: a full ResNet-101 step at 129x129
+# takes 1-2 s, so a round (both stacks) 2-4 s.
+CPU_TIMING = _timing.Settings(warmup=1, max_warmup=4, max_warmup_seconds=20.0, min_rounds=10,
+                              min_seconds=0.0, max_rounds=100, max_seconds=120.0)
+CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=20, min_seconds=2.0,
+                               max_rounds=500, max_seconds=60.0)
+QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+
+
+def timing_defaults_help() -> str:
+    def d(st):
+        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
+                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
+                f"--max-time {st.max_seconds:g}")
+    return (f"Defaults (per config): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
+            f"{d(QUICK_TIMING)}. --reps is --min-rounds. The step-0 loss step comes before "
+            "the warm-up.")
 
 
 def max_batch(config, stack, quick, size, device, amp, limit=256):
@@ -287,7 +302,7 @@ def max_batch(config, stack, quick, size, device, amp, limit=256):
 def _worker(args) -> int:
     device = torch.device(args.device)
     res = run_stack(args.worker_config, args.worker_stack, args.quick, args.batch, args.size,
-                    args.reps, args.warmup, device, args.amp)
+                    args.min_rounds, args.warmup, device, args.amp)
     if args.max_batch:
         res["max_batch"] = max_batch(args.worker_config, args.worker_stack, args.quick,
                                      args.size, device, args.amp)
@@ -299,7 +314,7 @@ def _spawn(args, config, stack) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-config", config,
            "--worker-stack", stack, "--device", args.device, "--batch", str(args.batch),
            "--size", str(args.size), "--reps", "1", "--warmup", "1"]
-    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--threads", str(args.threads or torch.get_num_threads())]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--amp"] if args.amp else ["--no-amp"]
     cmd += ["--max-batch"] if args.max_batch else []
@@ -312,32 +327,44 @@ def _spawn(args, config, stack) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="asp_oc8,psp16",
                     help="comma-separated subset of: " + ", ".join(CONFIGS))
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--quick", action="store_true", help="reduced model, 65x65 (seconds)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--size", type=int, default=None, help="square input size")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--device", default=None,
+                    help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced model, 65x65, quick timing (1 warm-up, 3 rounds): seconds")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (default: 8 on CUDA, 2 on CPU and with --quick)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="square input size (default: 473 on CUDA, 129 on CPU, 65 with --quick)")
     ap.add_argument("--amp", dest="amp", action="store_true", default=None,
                     help="bf16 autocast (default on CUDA)")
-    ap.add_argument("--no-amp", dest="amp", action="store_false")
+    ap.add_argument("--no-amp", dest="amp", action="store_false",
+                    help="float32 (default on CPU)")
     ap.add_argument("--tol", type=float, default=None,
                     help="relative step-0 loss tolerance (default 2e-3 fp32, 3e-2 bf16)")
     ap.add_argument("--max-batch", action="store_true", help="largest batch that fits (CUDA)")
     ap.add_argument("--in-process", action="store_true",
                     help="measure memory in this process too (not isolated; for tests)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (default: torch's choice, but 1 on CPU "
+                        "when other processes keep half the cores or more busy at the start: "
+                        "multi-threaded kernels then stall)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="write the rows and the environment")
     ap.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-stack", default=None, help=argparse.SUPPRESS)
+    _timing.add_arguments(ap, timing_defaults_help())
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -347,14 +374,24 @@ def main(argv=None) -> int:
         args.batch = 8 if gpu and not args.quick else 2
     if args.size is None:
         args.size = 65 if args.quick else (473 if gpu else 129)
-    if args.reps is None:
-        args.reps = 10 if gpu else (2 if args.quick else 3)
-    if args.warmup is None:
-        args.warmup = 3 if gpu else 1
     if args.max_batch and not gpu:
         ap.error("--max-batch needs a CUDA device")
     if args.worker_config:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return _worker(args)
+    settings = _timing.settings_from_args(
+        args, QUICK_TIMING if args.quick else (CUDA_TIMING if gpu else CPU_TIMING))
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(args.threads, device, machine)
+    env = environment(device, __file__, argv)
+    env["machine_check"], env["threads_note"] = machine, threads_note
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
+    if machine["warning"]:
+        print("WARNING: " + machine["warning"])
+    if threads_note:
+        print("note: " + threads_note)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
@@ -364,8 +401,12 @@ def main(argv=None) -> int:
     rows, ok = [], True
     for config in configs:
         # Time: both stacks in this process, steps interleaved.
-        pair = time_interleaved(config, args.quick, args.batch, args.size, args.reps,
-                                args.warmup, device, args.amp)
+        pair, m = time_interleaved(config, args.quick, args.batch, args.size, settings,
+                                   device, args.amp)
+        print(f"{config}: step ms, median [p20-p80]: reference {m['reference'].fmt()}, lipfast "
+              f"{m['lipfast'].fmt()}; {m.rounds} rounds after {m.warmup_rounds} warm-up",
+              flush=True)
+        _timing.print_warnings(m, "  ")
         # Memory (and the largest batch): one stack at a time, each in a fresh process
         # unless --in-process.
         for stack in ("reference", "lipfast"):
@@ -392,36 +433,43 @@ def main(argv=None) -> int:
                      "loss0_ok": good, "speedup": ref["ms"] / fast["ms"],
                      "best_speedup": ref["best_ms"] / fast["best_ms"],
                      "memory_ratio": (fast["peak_MB"] / ref["peak_MB"]
-                                      if ref["peak_MB"] > 0 else None)})
+                                      if ref["peak_MB"] > 0 else None),
+                     "timing": m.summary(times=False)})
 
-    env = environment(device)
     mem = ("cuda max_memory_allocated above model, gradients and optimizer state" if gpu else
            "peak RSS growth above model, gradients and optimizer state")
     mem += "" if args.in_process else ", one fresh process per stack"
     print(f"device {device} ({env['device_name']}), B={args.batch}, {args.size}x{args.size}, "
           f"{'reduced model (--quick)' if args.quick else 'ResNet-101'}, "
           f"{'bf16 autocast' if args.amp else 'float32'}, {torch.get_num_threads()} threads; "
-          f"time: median of {args.reps} steps after {args.warmup} warm-up, stacks interleaved "
-          f"in one process; peak memory: {mem}")
-    head = (f"{'config':<9} {'stack':<10} {'step-0 loss':>12} {'step ms':>9} {'best ms':>9} "
-            f"{'peak MB':>9}"
+          f"time: step ms, median [20th-80th percentile] and best of the timed rounds, "
+          f"stacks interleaved in one process; peak memory: {mem}")
+    head = (f"{'config':<9} {'stack':<10} {'step-0 loss':>12} {'step ms [p20-p80]':>20} "
+            f"{'best ms':>9} {'rounds':>6} {'peak MB':>9}"
             + (f" {'max B':>6}" if args.max_batch else ""))
     print(head)
     for r in rows:
         for stack in ("reference", "lipfast"):
             s = r[stack]
-            print(f"{r['config']:<9} {stack:<10} {s['loss0']:>12.6f} {s['ms']:>9.1f} "
-                  f"{s['best_ms']:>9.1f} {s['peak_MB']:>9.1f}" + (f" {s['max_batch']:>6}" if args.max_batch else ""))
+            print(f"{r['config']:<9} {stack:<10} {s['loss0']:>12.6f} "
+                  f"{_timing.fmt_spread(s['ms'], s['p20_ms'], s['p80_ms']):>20} "
+                  f"{_timing.fmt_ms(s['best_ms']):>9} {s['rounds']:>6} {s['peak_MB']:>9.1f}"
+                  + (f" {s['max_batch']:>6}" if args.max_batch else ""))
         mr = r["memory_ratio"]
         print(f"{r['config']:<9} {'ratio':<10} {'diff ' + format(r['loss0_rel_diff'], '.1e'):>12} "
-              f"{r['speedup']:>8.2f}x {r['best_speedup']:>8.2f}x "
+              f"{r['speedup']:>19.2f}x {r['best_speedup']:>8.2f}x {'':>6} "
               f"{('-' if mr is None else format(mr, '.2f') + 'x'):>9}"
               + ("" if r["loss0_ok"] else f"   STEP-0 LOSS MISMATCH (tolerance {tol:g})"))
+    warned = [r["config"] for r in rows if r["timing"]["warnings"]]
+    if warned:
+        print(f"timing warnings (see above) in: {', '.join(warned)}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"env": env, "args": {k: v for k, v in vars(args).items()
                                   if not k.startswith("worker")},
+             "timing": _timing.settings_summary(settings),
              "tolerance": tol, "memory": mem, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
     if not ok:
         print("FAIL: the step-0 losses of the two stacks differ by more than the tolerance",
               file=sys.stderr)
