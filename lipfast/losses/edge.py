@@ -46,6 +46,9 @@ host sync; SCHP builds them with ``torch.tensor([...])``, which syncs). A batch
 without edge pixels (or without non-edge pixels) has all weights 0: upstream
 (``F.cross_entropy``) gives 0 / 0 = NaN there, lipfast gives 0 (the convention
 of the fused ``upsample_cross_entropy``, which this uses when present).
+Edge labels other than 0, 1 and ``ignore_index`` raise ValueError naming
+``edge_loss`` on CPU; on CUDA they go to ``torch._assert_async`` (no host sync;
+a device-side assert at the next synchronising call).
 """
 
 from __future__ import annotations
@@ -129,19 +132,20 @@ def generate_edge(labels: torch.Tensor, edge_width: int = 3) -> torch.Tensor:
 
 
 def edge_weights(edge_labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[w_neg, w_pos] = [pos, neg] / (pos + neg) as a device tensor (no host sync)."""
+    """[w_neg, w_pos] = [pos, neg] / (pos + neg) as a device tensor (no host sync);
+    [0, 0] when no pixel is 0 or 1 (every pixel ignored)."""
     pos = (edge_labels == 1).sum()
     neg = (edge_labels == 0).sum()
     counts = torch.stack([pos, neg]).to(dtype)
-    return counts / (pos + neg).to(dtype)
+    return counts / (pos + neg).clamp_min(1).to(dtype)
 
 
 def _upsample_ce():
     try:
-        from .upsample_ce import upsample_cross_entropy
+        from .upsample_ce import _upsample_cross_entropy
     except ImportError:
         return None
-    return upsample_cross_entropy
+    return _upsample_cross_entropy
 
 
 def upsample_ce_or_eager(logits, labels, weight=None, ignore_index=IGNORE):
@@ -151,9 +155,8 @@ def upsample_ce_or_eager(logits, labels, weight=None, ignore_index=IGNORE):
     if labels.dtype != torch.int64:
         labels = labels.long()
     fused = _upsample_ce()
-    if fused is not None:
-        return fused(logits, labels, ignore_index=ignore_index, weight=weight,
-                     align_corners=True, reduction="mean")
+    if fused is not None:  # weights and ignore_index are checked by the callers
+        return fused(logits, labels, ignore_index, weight, True, "mean")
     if weight is not None and weight.dtype != logits.dtype:
         weight = weight.to(logits.dtype)  # F.cross_entropy wants matching dtypes
     up = logits
@@ -177,6 +180,21 @@ def mean_ce(logits, labels, weight=None, ignore_index=IGNORE):
     return total / torch.where(wsum > 0, wsum, torch.ones_like(wsum))
 
 
+def _check_edge_values(edge_labels: torch.Tensor, ignore_index: int) -> None:
+    """Edge labels are 0, 1 or ignore_index. CPU: ValueError naming the first bad
+    value. CUDA (and under torch.compile): ``torch._assert_async``, no host sync."""
+    if edge_labels.device.type == "meta" or edge_labels.numel() == 0:
+        return
+    lab = edge_labels
+    bad = (lab != 0) & (lab != 1) & (lab != ignore_index)
+    msg = f"edge_loss: edge labels must be 0, 1 or ignore_index={ignore_index}"
+    if lab.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            raise ValueError(f"{msg}, found {int(lab[bad][0])}")
+        return
+    torch._assert_async(~bad.any(), msg)
+
+
 def edge_loss(edge_logits: torch.Tensor, edge_labels: torch.Tensor,
               ignore_index: int = IGNORE) -> torch.Tensor:
     """Class-balanced edge cross-entropy of CE2P/SCHP (SPEC section 3).
@@ -187,11 +205,22 @@ def edge_loss(edge_logits: torch.Tensor, edge_labels: torch.Tensor,
         edge_labels: B x H x W 0/1 edge labels (e.g. from :func:`generate_edge`);
             pixels equal to ``ignore_index`` are skipped, as in SCHP's call.
     """
+    from .upsample_ce import check_ignore_index
+
+    if not isinstance(edge_logits, torch.Tensor) or not isinstance(edge_labels, torch.Tensor):
+        raise TypeError(f"edge_loss expects tensors for edge_logits and edge_labels, got "
+                        f"{type(edge_logits).__name__} and {type(edge_labels).__name__}")
     if edge_logits.dim() != 4 or edge_logits.shape[1] != 2:
         raise ValueError(f"edge_loss expects B x 2 x h x w logits, got {tuple(edge_logits.shape)}")
     if edge_labels.dim() != 3 or edge_labels.shape[0] != edge_logits.shape[0]:
         raise ValueError(f"edge_loss expects B x H x W labels matching the logits' batch, got "
                          f"{tuple(edge_labels.shape)}")
+    if edge_labels.is_floating_point() or edge_labels.is_complex() or (
+            edge_labels.dtype == torch.bool):
+        raise TypeError(f"edge_loss: edge_labels must be an integer tensor (e.g. from "
+                        f"generate_edge), got {edge_labels.dtype}")
+    ignore_index = check_ignore_index(ignore_index, "edge_loss")
+    _check_edge_values(edge_labels, ignore_index)
     wdtype = edge_logits.dtype if edge_logits.dtype == torch.float64 else torch.float32
     weight = edge_weights(edge_labels, wdtype)
     return upsample_ce_or_eager(edge_logits, edge_labels, weight=weight, ignore_index=ignore_index)

@@ -133,13 +133,14 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _normalize_classes(classes, num_classes: int) -> tuple[list[int], bool]:
-    """(class ids, present) for classes = 'present' | 'all' | sequence of ids."""
+def _normalize_classes(classes, num_classes: int | None) -> tuple[list[int], bool]:
+    """(class ids, present) for classes = 'present' | 'all' | sequence of ids
+    (``num_classes=None``: only the structure and the sign of the ids are checked)."""
     if isinstance(classes, str):
         if classes == "present":
-            return list(range(num_classes)), True
+            return list(range(num_classes or 0)), True
         if classes == "all":
-            return list(range(num_classes)), False
+            return list(range(num_classes or 0)), False
         raise ValueError(f"lovasz_softmax: classes must be 'present', 'all' or a list of class "
                          f"ids, got {classes!r}")
     if isinstance(classes, torch.Tensor):
@@ -157,11 +158,22 @@ def _normalize_classes(classes, num_classes: int) -> tuple[list[int], bool]:
             c = operator.index(c)
         except TypeError:
             raise TypeError(f"lovasz_softmax: class ids must be integers, got {c!r}") from None
-        if not 0 <= c < num_classes:
-            raise ValueError(f"lovasz_softmax: class id {c} is out of range for {num_classes} "
-                             "classes")
+        if c < 0 or (num_classes is not None and c >= num_classes):
+            where = "(class ids are >= 0)" if num_classes is None else (
+                f"for {num_classes} classes")
+            raise ValueError(f"lovasz_softmax: class id {c} is out of range {where}")
         ids.append(c)
     return ids, False
+
+
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"lovasz_softmax: ignore_index must be an int, got {ignore_index!r}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"lovasz_softmax: ignore_index must be an int, got "
+                        f"{ignore_index!r}") from None
 
 
 def check_lovasz_args(x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -379,9 +391,10 @@ def lovasz_softmax(logits_or_probs: torch.Tensor, labels: torch.Tensor, classes=
         is used or every pixel is ignored).
     """
     check_lovasz_args(logits_or_probs, labels)
+    ignore_index = _check_ignore_index(ignore_index)
     ids, present = _normalize_classes(classes, logits_or_probs.shape[1])
     loss, _ = torch.ops.lipfast.lovasz_softmax_loss(
-        logits_or_probs, labels, ids, present, bool(per_image), int(ignore_index),
+        logits_or_probs, labels, ids, present, bool(per_image), ignore_index,
         bool(from_logits))
     return loss
 
@@ -392,11 +405,10 @@ class LovaszSoftmax(torch.nn.Module):
     def __init__(self, classes="present", per_image: bool = False, ignore_index: int = 255,
                  from_logits: bool = True):
         super().__init__()
-        if isinstance(classes, str):
-            _normalize_classes(classes, 1)  # validates the string
+        _normalize_classes(classes, None)  # the string, or the list's structure and signs
         self.classes = classes
         self.per_image = per_image
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_ignore_index(ignore_index)
         self.from_logits = from_logits
 
     def forward(self, logits_or_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,15 @@ Differences from the reference:
   (``create_graph=True`` then a second backward) raises NotImplementedError
   naming ``lipfast::upsample_ce_backward``.
 - the class weight gets no gradient (``F.cross_entropy`` does not give one either).
+- class weights must be finite and >= 0 (``F.cross_entropy`` takes any): a CPU
+  weight is checked on the host (ValueError naming the class); a CUDA weight goes
+  to ``torch._assert_async`` (no host sync, a device-side assert at the next
+  synchronising call). ``ignore_index`` must be an int (TypeError otherwise).
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -167,6 +172,55 @@ def check_upsample_ce_args(logits, labels, weight, ignore_index, align_corners=T
     if reduction not in _REDUCTIONS:
         raise ValueError(f"upsample_cross_entropy: reduction must be one of {_REDUCTIONS}, got "
                          f"{reduction!r}")
+
+
+def check_ignore_index(ignore_index, owner: str) -> int:
+    """``ignore_index`` as an int; TypeError naming ``owner`` otherwise (255.0, None, ...)."""
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"{owner}: ignore_index must be an int, got {ignore_index!r}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{owner}: ignore_index must be an int, got {ignore_index!r}") from None
+
+
+def check_weight_values(weight: torch.Tensor, owner: str) -> None:
+    """Class weights must be finite and >= 0. A CPU weight is read on the host
+    (ValueError naming the first bad class); a CUDA weight goes to
+    ``torch._assert_async`` (no host sync: a device-side assert fires at the next
+    synchronising call), as does any weight under ``torch.compile``."""
+    if weight.device.type == "meta":
+        return
+    ok = torch.isfinite(weight) & (weight >= 0)
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"{owner}: weight must be finite and >= 0, got "
+                             f"{float(weight[i])} at class {i}")
+        return
+    torch._assert_async(ok.all(), f"{owner}: weight must be finite and >= 0")
+
+
+def class_weight_buffer(weight, owner: str) -> Optional[torch.Tensor]:
+    """A module's class-weight argument (None, a sequence or a tensor) as a 1-D
+    float tensor, checked once at construction (finite, >= 0)."""
+    if weight is None:
+        return None
+    try:
+        t = torch.as_tensor(weight)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{owner}: weight must be a 1-D tensor or sequence of class weights, "
+                        f"got {type(weight).__name__}") from None
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{owner}: weight must be a 1-D tensor of class weights, got shape "
+                         f"{tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if t.device.type == "cpu":
+        check_weight_values(t, owner)
+    else:  # construction time: one host read is fine here
+        check_weight_values(t.cpu(), owner)
+    return t
 
 
 def _check_label_values(labels: torch.Tensor, c: int, ignore_index: int) -> None:
@@ -371,6 +425,18 @@ def upsample_cross_entropy(
     Returns a float32 loss (float64 for float64 logits): a scalar for 'mean' and
     'sum', B x H x W (0 at ignored pixels) for 'none'.
     """
+    name = "upsample_cross_entropy"
+    ignore_index = check_ignore_index(ignore_index, name)
+    check_upsample_ce_args(logits, labels, weight, ignore_index, align_corners, reduction)
+    if weight is not None:
+        check_weight_values(weight, name)
+    return _upsample_cross_entropy(logits, labels, ignore_index, weight, align_corners,
+                                   reduction)
+
+
+def _upsample_cross_entropy(logits, labels, ignore_index, weight, align_corners, reduction):
+    """:func:`upsample_cross_entropy` without the checks of ``ignore_index`` and of the
+    weight values (callers with weights known to be fine: the edge loss, the criteria)."""
     check_upsample_ce_args(logits, labels, weight, ignore_index, align_corners, reduction)
     nll, _, wsum = torch.ops.lipfast.upsample_ce(logits, labels, weight, int(ignore_index),
                                                  bool(align_corners))
@@ -391,10 +457,11 @@ class UpsampleCrossEntropy(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"UpsampleCrossEntropy: reduction must be one of {_REDUCTIONS}, "
                              f"got {reduction!r}")
-        self.ignore_index = int(ignore_index)
+        name = "UpsampleCrossEntropy"
+        self.ignore_index = check_ignore_index(ignore_index, name)
         self.align_corners = bool(align_corners)
         self.reduction = reduction
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
+        self.register_buffer("weight", class_weight_buffer(weight, name))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return upsample_cross_entropy(logits, labels, self.ignore_index, self.weight,

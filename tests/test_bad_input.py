@@ -1,0 +1,192 @@
+"""Bad input to the public API: a clear ValueError/TypeError naming the function (or
+module) the user called and the argument, never a silently wrong number or an
+error from deep inside torch. One table per area; every row is
+(id, call, exception type, message regex)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lipfast
+from lipfast.losses import (CE2PCriterion, LovaszSoftmax, OCNetCriterion, SCHPCriterion,
+                            UpsampleCrossEntropy, edge_loss, lovasz_softmax,
+                            upsample_cross_entropy)
+from lipfast.metrics import (ParsingMetrics, confusion_matrix, ensemble_probs, flip_logits,
+                             metrics_from_matrix, multi_scale_logits)
+from lipfast.models import CE2P
+
+NAN, INF = float("nan"), float("inf")
+
+pytestmark = pytest.mark.usefixtures("no_process_group_warnings")
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def logits(c=3, b=2, h=4, w=5):
+    return torch.randn(b, c, h, w, generator=_g(1))
+
+
+def labels(c=3, b=2, h=8, w=10):
+    return torch.randint(0, c, (b, h, w), generator=_g(2), dtype=torch.uint8)
+
+
+def edges(b=2, h=8, w=10):
+    return torch.randint(0, 2, (b, h, w), generator=_g(3))
+
+
+def schp_preds(c=3):
+    return [[logits(c), logits(c)], [logits(2)]]
+
+
+def run(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def table(rows):
+    return pytest.mark.parametrize("call, exc, match", [r[1:] for r in rows],
+                                   ids=[r[0] for r in rows])
+
+
+# ----------------------------------------------------------------- losses
+W_MSG = r"weight must be finite and >= 0"
+LOSS_ROWS = [
+    ("ce-weight-negative", lambda: upsample_cross_entropy(
+        logits(), labels(), weight=torch.tensor([1.0, -0.5, 1.0])), ValueError,
+     rf"upsample_cross_entropy: {W_MSG}, got -0.5 at class 1"),
+    ("ce-weight-nan", lambda: upsample_cross_entropy(
+        logits(), labels(), weight=torch.tensor([1.0, 1.0, NAN])), ValueError,
+     rf"upsample_cross_entropy: {W_MSG}, got nan at class 2"),
+    ("ce-weight-inf", lambda: upsample_cross_entropy(
+        logits(), labels(), weight=torch.tensor([INF, 1.0, 1.0])), ValueError,
+     rf"upsample_cross_entropy: {W_MSG}, got inf at class 0"),
+    ("ce-ignore-index-none", lambda: upsample_cross_entropy(logits(), labels(), None),
+     TypeError, r"upsample_cross_entropy: ignore_index must be an int, got None"),
+    ("ce-ignore-index-float", lambda: upsample_cross_entropy(logits(), labels(), 2.5),
+     TypeError, r"upsample_cross_entropy: ignore_index must be an int, got 2.5"),
+    ("ce-module-weight-negative", lambda: UpsampleCrossEntropy(weight=[1.0, -1.0]),
+     ValueError, rf"UpsampleCrossEntropy: {W_MSG}, got -1.0 at class 1"),
+    ("ce-module-weight-2d", lambda: UpsampleCrossEntropy(weight=torch.ones(2, 2)),
+     ValueError, r"UpsampleCrossEntropy: weight must be a 1-D tensor of class weights"),
+    ("ce-module-ignore-index", lambda: UpsampleCrossEntropy(ignore_index="255"),
+     TypeError, r"UpsampleCrossEntropy: ignore_index must be an int"),
+    ("edge-label-2", lambda: edge_loss(logits(2), edges() * 2), ValueError,
+     r"^edge_loss: edge labels must be 0, 1 or ignore_index=255, found 2"),
+    ("edge-label-negative", lambda: edge_loss(logits(2), edges() - 1), ValueError,
+     r"^edge_loss: edge labels must be 0, 1 or ignore_index=255, found -1"),
+    ("edge-logits-not-tensor", lambda: edge_loss([logits(2)], edges()), TypeError,
+     r"edge_loss expects tensors for edge_logits and edge_labels, got list"),
+    ("edge-float-labels", lambda: edge_loss(logits(2), edges().float()), TypeError,
+     r"edge_loss: edge_labels must be an integer tensor"),
+    ("edge-ignore-index", lambda: edge_loss(logits(2), edges(), ignore_index=None),
+     TypeError, r"edge_loss: ignore_index must be an int"),
+    ("lovasz-ignore-index", lambda: lovasz_softmax(logits(h=8, w=10), labels(),
+                                                   ignore_index=None),
+     TypeError, r"lovasz_softmax: ignore_index must be an int"),
+    ("lovasz-module-classes-int", lambda: LovaszSoftmax(classes=3), TypeError,
+     r"lovasz_softmax: classes must be 'present', 'all' or a list of class ids, got int"),
+    ("lovasz-module-classes-negative", lambda: LovaszSoftmax(classes=[0, -1]), ValueError,
+     r"lovasz_softmax: class id -1 is out of range"),
+]
+
+
+@table(LOSS_ROWS)
+def test_losses(call, exc, match):
+    run(call, exc, match)
+
+
+# ----------------------------------------------------------------- criteria
+CRIT_ROWS = [
+    ("schp-21-channels-for-20", lambda: SCHPCriterion(num_classes=20)(
+        [[logits(21), logits(21)], [logits(2)]], [labels(20), edges()]), ValueError,
+     r"SCHPCriterion: parsing prediction 0 has 21 channels but num_classes=20"),
+    ("schp-fusion-channels", lambda: SCHPCriterion(num_classes=3)(
+        [[logits(3), logits(4)], [logits(2)]], [labels(), edges()]), ValueError,
+     r"SCHPCriterion: parsing prediction 1 has 4 channels but num_classes=3"),
+    ("schp-target-one-item", lambda: SCHPCriterion(num_classes=3)(schp_preds(), [labels()]),
+     ValueError, r"SCHPCriterion: target must be \[labels, edges\] or \[labels, edges, "
+                 r"soft_preds, soft_edges\], got a list of 1"),
+    ("schp-target-tensor", lambda: SCHPCriterion(num_classes=3)(schp_preds(), labels()),
+     TypeError, r"SCHPCriterion: target must be \[labels, edges\].*got a Tensor"),
+    ("schp-preds-tensor", lambda: SCHPCriterion(num_classes=3)(logits(), [labels(), edges()]),
+     TypeError, r"SCHPCriterion: preds must be \[\[parsing, fusion\], \[edge\]\] \(CE2P/SCHP's "
+                r"output\), got a Tensor"),
+    ("schp-preds-flat-list", lambda: SCHPCriterion(num_classes=3)(
+        [logits(), logits(), logits(2)], [labels(), edges()]), ValueError,
+     r"SCHPCriterion: preds must be \[\[parsing, fusion\], \[edge\]\].*got a list of 3"),
+    ("schp-float-labels", lambda: SCHPCriterion(num_classes=3)(
+        schp_preds(), [labels().float(), edges()]), TypeError,
+     r"SCHPCriterion: labels must be an integer tensor, got torch.float32"),
+    ("schp-edge-labels", lambda: SCHPCriterion(num_classes=3)(
+        schp_preds(), [labels(), edges() * 3]), ValueError,
+     r"^SCHPCriterion: edge_loss: edge labels must be 0, 1 or ignore_index=255, found 3"),
+    ("schp-edge-channels", lambda: SCHPCriterion(num_classes=3)(
+        [[logits(), logits()], [logits(3)]], [labels(), edges()]), ValueError,
+     r"SCHPCriterion: edge prediction 0 has 3 channels, expected 2"),
+    ("schp-soft-preds-channels", lambda: SCHPCriterion(num_classes=3)(
+        schp_preds(), [labels(), edges(), logits(4), logits(2)], cycle_n=1), ValueError,
+     r"SCHPCriterion: soft_preds has 4 channels but num_classes=3"),
+    ("schp-soft-edges-channels", lambda: SCHPCriterion(num_classes=3)(
+        schp_preds(), [labels(), edges(), logits(3), logits(3)], cycle_n=1), ValueError,
+     r"SCHPCriterion: soft_edges has 3 channels, expected 2"),
+    ("schp-cycle-negative", lambda: SCHPCriterion(num_classes=3)(
+        schp_preds(), [labels(), edges(), logits(3), logits(2)], cycle_n=-1), ValueError,
+     r"SCHPCriterion: cycle_n must be an int >= 0, got -1"),
+    ("schp-num-classes-0", lambda: SCHPCriterion(num_classes=0), ValueError,
+     r"SCHPCriterion: num_classes must be an int >= 1, got 0"),
+    ("schp-lambda-negative", lambda: SCHPCriterion(lambda_2=-1), ValueError,
+     r"SCHPCriterion: lambda_2 must be a finite number >= 0, got -1"),
+    ("schp-lambda-nan", lambda: SCHPCriterion(lambda_1=NAN), ValueError,
+     r"SCHPCriterion: lambda_1 must be a finite number >= 0, got nan"),
+    ("schp-ignore-index", lambda: SCHPCriterion(ignore_index=None), TypeError,
+     r"SCHPCriterion: ignore_index must be an int"),
+    ("ce2p-preds-tensor", lambda: CE2PCriterion()(logits(), [labels(), edges()]), TypeError,
+     r"CE2PCriterion: preds must be \[\[parsing, fusion\], \[edge\]\]"),
+    ("ce2p-target-one-item", lambda: CE2PCriterion()(schp_preds(), [labels()]), ValueError,
+     r"CE2PCriterion: target must be \[labels, edges\], got a list of 1"),
+    ("ce2p-label-range", lambda: CE2PCriterion()(schp_preds(), [labels() + 3, edges()]),
+     ValueError, r"^CE2PCriterion: upsample_cross_entropy: label \d outside \[0, 3\)"),
+    ("ce2p-ignore-index", lambda: CE2PCriterion(ignore_index=1.5), TypeError,
+     r"CE2PCriterion: ignore_index must be an int"),
+    ("ocnet-weight-negative", lambda: OCNetCriterion(weight=[1.0, -2.0, 1.0]), ValueError,
+     rf"OCNetCriterion: {W_MSG}, got -2.0 at class 1"),
+    ("ocnet-weight-inf", lambda: OCNetCriterion(weight=[1.0, INF]), ValueError,
+     rf"OCNetCriterion: {W_MSG}, got inf at class 1"),
+    ("ocnet-dsn-weight-nan", lambda: OCNetCriterion(dsn_weight=NAN), ValueError,
+     r"OCNetCriterion: dsn_weight must be a finite number >= 0, got nan"),
+    ("ocnet-preds-tensor", lambda: OCNetCriterion()(logits(), labels()), TypeError,
+     r"OCNetCriterion: preds must be \[main, dsn\] \(two logit tensors\), got a Tensor"),
+    ("ocnet-preds-one", lambda: OCNetCriterion()([logits()], labels()), ValueError,
+     r"OCNetCriterion: preds must be \[main, dsn\].*got a list of 1"),
+    ("ocnet-weight-length", lambda: OCNetCriterion(weight=[1.0, 1.0])(
+        [logits(), logits()], labels()), ValueError,
+     r"OCNetCriterion: upsample_cross_entropy: weight must be a 1-D tensor of 3 class "
+     r"weights"),
+]
+
+
+@table(CRIT_ROWS)
+def test_criteria(call, exc, match):
+    run(call, exc, match)
+
+
+def test_schp_num_classes_is_checked_without_soft_targets_too():
+    """num_classes is only used by the soft targets; 21-channel predictions for a
+    20-class criterion used to be accepted silently in cycle 0."""
+    crit = SCHPCriterion(num_classes=4)
+    with pytest.raises(ValueError, match="has 3 channels but num_classes=4"):
+        crit(schp_preds(3), [labels(3), edges()])
+
+
+def test_edge_weights_of_an_all_ignored_batch_are_zero_not_nan():
+    from lipfast.losses.edge import edge_weights
+
+    w = edge_weights(torch.full((1, 3, 3), 255))
+    assert torch.equal(w, torch.zeros(2))
+    loss = edge_loss(logits(2, b=1), torch.full((1, 8, 10), 255))
+    assert float(loss) == 0.0
