@@ -190,3 +190,97 @@ def test_edge_weights_of_an_all_ignored_batch_are_zero_not_nan():
     assert torch.equal(w, torch.zeros(2))
     loss = edge_loss(logits(2, b=1), torch.full((1, 8, 10), 255))
     assert float(loss) == 0.0
+
+
+# ----------------------------------------------------------------- ops
+def _qk():
+    return torch.randn(1, 4, 5, 6, generator=_g(4))
+
+
+OPS_ROWS = [
+    ("oc-scale-zero", lambda: lipfast.oc_attention(_qk(), _qk(), 0.0), ValueError,
+     r"oc_attention: scale must be a positive finite number, got 0.0"),
+    ("oc-scale-negative", lambda: lipfast.oc_attention(_qk(), _qk(), -0.5), ValueError,
+     r"oc_attention: scale must be a positive finite number, got -0.5"),
+    ("oc-scale-nan", lambda: lipfast.oc_attention(_qk(), _qk(), NAN), ValueError,
+     r"oc_attention: scale must be a positive finite number, got nan"),
+    ("oc-scale-inf", lambda: lipfast.oc_attention(_qk(), _qk(), INF), ValueError,
+     r"oc_attention: scale must be a positive finite number, got inf"),
+    ("oc-scale-string", lambda: lipfast.oc_attention(_qk(), _qk(), "0.5"), TypeError,
+     r"oc_attention: scale must be a number, got str"),
+    ("oc-regions-float", lambda: lipfast.oc_attention(_qk(), _qk(), None, 2.5), TypeError,
+     r"oc_attention: regions must be an int, got 2.5"),
+    ("oc-regions-negative", lambda: lipfast.oc_attention(_qk(), _qk(), None, -1), ValueError,
+     r"oc_attention: regions must be >= 0, got -1"),
+    ("abn-eps-zero", lambda: lipfast.inplace_abn(torch.randn(2, 3, 4), None, None, None, None,
+                                                  eps=0.0), ValueError,
+     r"inplace_abn: eps must be a positive finite number .*, got 0.0"),
+    ("abn-eps-nan", lambda: lipfast.inplace_abn(torch.randn(2, 3, 4), None, None, None, None,
+                                                 eps=NAN), ValueError,
+     r"inplace_abn: eps must be a positive finite number .*, got nan"),
+    ("abn-momentum-above-1", lambda: lipfast.inplace_abn(
+        torch.randn(2, 3, 4), None, None, torch.zeros(3), torch.ones(3), momentum=1.5),
+     ValueError, r"inplace_abn: momentum must be in \[0, 1\], got 1.5"),
+    ("abn-sync-momentum-negative", lambda: lipfast.inplace_abn_sync(
+        torch.randn(2, 3, 4), None, None, torch.zeros(3), torch.ones(3), momentum=-0.1),
+     ValueError, r"inplace_abn_sync: momentum must be in \[0, 1\], got -0.1"),
+    ("abn-slope-nan", lambda: lipfast.inplace_abn(torch.randn(2, 3, 4), None, None, None, None,
+                                                   activation_param=NAN), ValueError,
+     r"activation_param must be finite, got nan"),
+]
+
+
+@table(OPS_ROWS)
+def test_ops(call, exc, match):
+    run(call, exc, match)
+
+
+# ----------------------------------------------------------------- nn modules
+NN_ROWS = [
+    ("inplace-abn-eps-zero", lambda: lipfast.InPlaceABN(4, eps=0), ValueError,
+     r"InPlaceABN: eps must be a positive finite number \(the in-place layers scale by "
+     r"\|w\| \+ eps\), got 0.0"),
+    ("inplace-abn-eps-negative", lambda: lipfast.InPlaceABN(4, eps=-1e-5), ValueError,
+     r"InPlaceABN: eps must be a positive finite number"),
+    ("inplace-abn-sync-eps-nan", lambda: lipfast.InPlaceABNSync(4, eps=NAN), ValueError,
+     r"InPlaceABNSync: eps must be a positive finite number"),
+    ("abn-eps-negative", lambda: lipfast.ABN(4, eps=-1.0), ValueError,
+     r"ABN: eps must be a finite number >= 0, got -1.0"),
+    ("abn-eps-inf", lambda: lipfast.ABN(4, eps=INF), ValueError,
+     r"ABN: eps must be a finite number >= 0, got inf"),
+    ("inplace-abn-momentum-above-1", lambda: lipfast.InPlaceABN(4, momentum=1.5), ValueError,
+     r"InPlaceABN: momentum must be None or in \[0, 1\], got 1.5"),
+    ("abn-momentum-negative", lambda: lipfast.ABN(4, momentum=-0.1), ValueError,
+     r"ABN: momentum must be None or in \[0, 1\], got -0.1"),
+    ("abn-momentum-nan", lambda: lipfast.ABN(4, momentum=NAN), ValueError,
+     r"ABN: momentum must be None or in \[0, 1\], got nan"),
+    ("abn-momentum-string", lambda: lipfast.ABN(4, momentum="0.1"), TypeError,
+     r"ABN: momentum must be None or a number"),
+    ("abn-slope-nan", lambda: lipfast.ABN(4, activation_param=NAN), ValueError,
+     r"activation_param must be finite, got nan"),
+    ("abn-elu-alpha-inf", lambda: lipfast.ABN(4, activation="elu", activation_param=INF),
+     ValueError, r"activation_param must be finite, got inf"),
+    ("base-oc-dropout-above-1", lambda: lipfast.BaseOCModule(8, 8, 4, 4, 1.5), ValueError,
+     r"BaseOCModule: dropout must be in \[0, 1\], got 1.5"),
+    ("base-oc-dropout-nan", lambda: lipfast.BaseOCModule(8, 8, 4, 4, NAN), ValueError,
+     r"BaseOCModule: dropout must be in \[0, 1\], got nan"),
+    ("base-oc-context-dropout", lambda: lipfast.BaseOCContextModule(8, 8, 4, 4, -0.1),
+     ValueError, r"BaseOCContextModule: dropout must be in \[0, 1\], got -0.1"),
+    ("pyramid-oc-dropout", lambda: lipfast.PyramidOCModule(8, 8, 2.0), ValueError,
+     r"PyramidOCModule: dropout must be in \[0, 1\], got 2.0"),
+    ("pyramid-oc-dropout-string", lambda: lipfast.PyramidOCModule(8, 8, "0.1"), TypeError,
+     r"PyramidOCModule: dropout must be a number"),
+    ("attention-scale-zero", lambda: lipfast.SelfAttentionBlock2D(8, 4, 4, scale=0),
+     ValueError, r"SelfAttentionBlock2D: scale must be a positive int, got 0"),
+    ("attention-scale-float", lambda: lipfast.PyramidSelfAttentionBlock2D(8, 4, 4, scale=1.5),
+     ValueError, r"PyramidSelfAttentionBlock2D: scale must be a positive int, got 1.5"),
+    ("base-oc-size-zero", lambda: lipfast.BaseOCModule(8, 8, 4, 4, 0.0, [1, 0]), ValueError,
+     r"BaseOCModule: every entry of sizes must be a positive int, got 0"),
+    ("asp-oc-dilation-zero", lambda: lipfast.ASPOCModule(8, 4, (1, 0, 2)), ValueError,
+     r"ASPOCModule: every dilation must be a positive int, got 0"),
+]
+
+
+@table(NN_ROWS)
+def test_nn_modules(call, exc, match):
+    run(call, exc, match)

@@ -48,8 +48,9 @@ class ABN(nn.Module):
 
     Args:
         num_features: C.
-        eps: added to the variance.
-        momentum: running-statistics factor; ``None`` for a cumulative average.
+        eps: added to the variance; finite, >= 0 (> 0 for the in-place variants,
+            whose scale ``|w| + eps`` must stay invertible).
+        momentum: running-statistics factor in [0, 1]; ``None`` for a cumulative average.
         affine: learn ``weight`` and ``bias``.
         track_running_stats: keep ``running_mean`` / ``running_var`` (otherwise batch
             statistics are used in eval mode too).
@@ -80,6 +81,7 @@ class ABN(nn.Module):
         )
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        _abn.check_eps_momentum(eps, momentum, self._inplace, type(self).__name__)
         self.num_features = num_features
         self.eps = float(eps)
         self.momentum = momentum
@@ -182,7 +184,8 @@ class InPlaceABN(ABN):
         use_batch, factor = self._factor_and_mode()
         rm, rv = self._running()
         return _abn._inplace_abn(x, self.weight, self.bias, rm, rv, use_batch, factor, self.eps,
-                                 self.activation, self.activation_param, False, None)
+                                 self.activation, self.activation_param, False, None,
+                                 type(self).__name__)
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -216,4 +219,5 @@ class InPlaceABNSync(InPlaceABN):
         rm, rv = self._running()
         sync = use_batch and _abn.sync_active(self.group)
         return _abn._inplace_abn(x, self.weight, self.bias, rm, rv, use_batch, factor, self.eps,
-                                 self.activation, self.activation_param, sync, self.group)
+                                 self.activation, self.activation_param, sync, self.group,
+                                 type(self).__name__)

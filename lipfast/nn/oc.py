@@ -32,6 +32,7 @@ Differences from OCNet, by design:
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +67,15 @@ def _positive_int(value, name: str, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
     return value
+
+
+def _dropout(value, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: dropout must be a number in [0, 1], got "
+                        f"{type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{owner}: dropout must be in [0, 1], got {float(value)}")
+    return float(value)
 
 
 def _sizes(sizes, owner: str) -> list[int]:
@@ -252,6 +262,7 @@ class _BaseOC(nn.Module):
         self.in_channels = _positive_int(in_channels, "in_channels", owner)
         self.out_channels = _positive_int(out_channels, "out_channels", owner)
         sizes = _sizes(sizes, owner)
+        dropout = _dropout(dropout, owner)
         self.stages = nn.ModuleList([
             SelfAttentionBlock2D(in_channels, key_channels, value_channels, out_channels, size,
                                  norm_layer=norm_layer,
@@ -300,7 +311,8 @@ class BaseOCModule(_BaseOC):
 class BaseOCContextModule(_BaseOC):
     """OCNet's ``BaseOC_Context_Module``: ``conv_bn_dropout(sum_s stage_s(x))`` with
     ``conv_bn_dropout`` = Conv2d(in, out, 1) -> norm(out) (no dropout: the
-    ``dropout`` argument is accepted and unused, as in OCNet). Same signature and
+    ``dropout`` argument is accepted and unused, as in OCNet, but must still be in
+    [0, 1]). Same signature and
     stages as :class:`BaseOCModule`."""
 
     def _make_head(self, norm: NormLayer, dropout: float) -> nn.Sequential:
@@ -331,6 +343,7 @@ class PyramidOCModule(nn.Module):
         self.in_channels = _positive_int(in_channels, "in_channels", owner)
         self.out_channels = _positive_int(out_channels, "out_channels", owner)
         sizes = _sizes(sizes, owner)
+        dropout = _dropout(dropout, owner)
         if in_channels < 2:
             raise ValueError(f"{owner}: in_channels must be >= 2 (key channels = in // 2)")
         norm = _norm(norm_layer)

@@ -25,6 +25,8 @@ is never kept.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import torch
@@ -80,6 +82,8 @@ def normalize_activation(activation: str, activation_param: float, inplace: bool
     act = activation.lower()
     if act == "none":  # spelling of the vendored copies in SCHP, CE2P and OCNet
         act = "identity"
+    if act in ("leaky_relu", "elu") and not math.isfinite(activation_param):
+        raise ValueError(f"activation_param must be finite, got {activation_param}")
     allowed = ACTIVATIONS + (("relu",) if not inplace else ())
     if act not in allowed:
         if act == "relu":
@@ -97,6 +101,28 @@ def normalize_activation(activation: str, activation_param: float, inplace: bool
     if act == "elu" and not activation_param > 0:
         raise ValueError(f"elu needs a positive alpha, got activation_param={activation_param}")
     return act
+
+
+def check_eps_momentum(eps, momentum, inplace: bool, owner: str,
+                       allow_none: bool = True) -> None:
+    """``eps``: a finite number, > 0 for the in-place variants (they scale by |w| + eps,
+    which must stay invertible), >= 0 otherwise; ``momentum``: in [0, 1], or None
+    (cumulative average) where ``allow_none``."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{owner}: eps must be a number, got {type(eps).__name__}")
+    if inplace and not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{owner}: eps must be a positive finite number (the in-place layers "
+                         f"scale by |w| + eps), got {float(eps)}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{owner}: eps must be a finite number >= 0, got {float(eps)}")
+    what = "None or " if allow_none else ""
+    if momentum is None and allow_none:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"{owner}: momentum must be {what}a number in [0, 1], got "
+                        f"{type(momentum).__name__}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"{owner}: momentum must be {what}in [0, 1], got {float(momentum)}")
 
 
 def check_input(x: torch.Tensor, num_features: int | None = None) -> None:
@@ -291,8 +317,9 @@ class InPlaceABNFunction(torch.autograd.Function):
 
 
 def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                 activation, activation_param, sync, group):
+                 activation, activation_param, sync, group, owner="inplace_abn"):
     check_input(x)
+    check_eps_momentum(eps, momentum, True, owner, allow_none=False)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                     (running_var, "running_var")):
         check_param(t, x, name)
@@ -329,7 +356,9 @@ def inplace_abn(
     returns ``x``; ``w~ = |weight| + eps``. In training the batch statistics are
     used and the running statistics (if given) are updated with ``momentum``.
     ``x`` must not be a leaf that requires grad, and no later op may modify the
-    result in place before backward (that raises a clear error).
+    result in place before backward (that raises a clear error). ``eps`` must be a
+    positive finite number, ``momentum`` in [0, 1], ``activation_param`` finite
+    (ValueError otherwise).
     """
     return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps,
                         activation, activation_param, False, None)
@@ -354,4 +383,4 @@ def inplace_abn_sync(
     initialised process group it warns once and behaves as :func:`inplace_abn`."""
     sync = bool(training) and sync_active(group)
     return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                        activation, activation_param, sync, group)
+                        activation, activation_param, sync, group, "inplace_abn_sync")

@@ -26,6 +26,7 @@ float64 on CUDA and torch builds without the CPU flash kernel. Autograd:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -70,8 +71,8 @@ def check_oc_attention_args(qk: torch.Tensor, v: torch.Tensor, scale: float, reg
         raise TypeError(f"oc_attention expects floating-point inputs, got {qk.dtype}")
     if qk.shape[1] == 0 or v.shape[1] == 0:
         raise ValueError("oc_attention: key and value channel counts must be positive")
-    if not math.isfinite(scale):
-        raise ValueError(f"oc_attention: scale must be finite, got {scale}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"oc_attention: scale must be a positive finite number, got {scale}")
     h, w = qk.shape[2], qk.shape[3]
     if regions < 0:
         raise ValueError(f"oc_attention: regions must be >= 0, got {regions}")
@@ -335,7 +336,8 @@ def oc_attention(
     Args:
         qk: B x Ck x H x W, the shared key/query projection (any strides).
         v: B x Cv x H x W values (Cv may differ from Ck).
-        scale: score scale; default ``Ck ** -0.5`` (OCNet's ``key_channels ** -0.5``).
+        scale: score scale, a positive finite number; default ``Ck ** -0.5`` (OCNet's
+            ``key_channels ** -0.5``).
         regions: ``None`` or 1 for attention over the whole map; ``s > 1`` for
             attention inside each of the s x s pyramid regions of Pyramid-OC.
 
@@ -344,7 +346,13 @@ def oc_attention(
     """
     if scale is None:
         scale = qk.shape[1] ** -0.5 if isinstance(qk, torch.Tensor) and qk.dim() == 4 else 1.0
-    regions = 0 if regions is None else int(regions)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"oc_attention: scale must be a number, got {type(scale).__name__}")
+    if regions is None:
+        regions = 0
+    elif isinstance(regions, bool) or not isinstance(regions, numbers.Integral):
+        raise TypeError(f"oc_attention: regions must be an int, got {regions!r}")
+    regions = int(regions)
     check_oc_attention_args(qk, v, float(scale), regions)
     out, _ = _oc_attention_op(qk, v, float(scale), regions)
     return out
