@@ -284,3 +284,105 @@ NN_ROWS = [
 @table(NN_ROWS)
 def test_nn_modules(call, exc, match):
     run(call, exc, match)
+
+
+# ----------------------------------------------------------------- metrics
+def _model(x):
+    return torch.zeros(x.shape[0], 20, x.shape[2], x.shape[3])
+
+
+_IMG = torch.zeros(1, 3, 6, 6)
+
+METRIC_ROWS = [
+    ("cm-num-classes-zero", lambda: confusion_matrix(logits(), labels(h=4, w=5), 0),
+     ValueError, r"confusion_matrix: num_classes must be an int >= 1, got 0"),
+    ("cm-num-classes-float", lambda: confusion_matrix(logits(), labels(h=4, w=5), 3.0),
+     ValueError, r"confusion_matrix: num_classes must be an int >= 1, got 3.0"),
+    ("cm-channels", lambda: confusion_matrix(logits(), labels(h=4, w=5), 4), ValueError,
+     r"confusion_matrix: logits have 3 channels but num_classes=4"),
+    ("cm-ignore-index", lambda: confusion_matrix(logits(), labels(h=4, w=5), 3, None),
+     TypeError, r"confusion_matrix: ignore_index must be an int"),
+    ("metrics-num-classes-negative", lambda: ParsingMetrics(num_classes=-1), ValueError,
+     r"ParsingMetrics: num_classes must be an int >= 1, got -1"),
+    ("metrics-ignore-index", lambda: ParsingMetrics(ignore_index=2.0), TypeError,
+     r"ParsingMetrics: ignore_index must be an int"),
+    ("metrics-update-channels", lambda: ParsingMetrics(num_classes=4).update(
+        logits(), labels()), ValueError, r"logits have 3 channels but num_classes=4"),
+    ("metrics-from-matrix-1d", lambda: metrics_from_matrix(torch.zeros(4)), ValueError,
+     r"metrics_from_matrix: cm must be a square C x C matrix, got shape \(4,\)"),
+    ("metrics-from-matrix-negative", lambda: metrics_from_matrix(-torch.eye(3)), ValueError,
+     r"metrics_from_matrix: cm has negative counts"),
+    ("tta-scale-zero", lambda: multi_scale_logits(_model, _IMG, scales=(1.0, 0.0)), ValueError,
+     r"scales must be a non-empty list of positive finite factors, got \(1.0, 0.0\)"),
+    ("tta-scale-negative", lambda: multi_scale_logits(_model, _IMG, scales=(-1,)), ValueError,
+     r"scales must be a non-empty list of positive finite factors"),
+    ("tta-scale-nan", lambda: multi_scale_logits(_model, _IMG, scales=(NAN,)), ValueError,
+     r"scales must be a non-empty list of positive finite factors, got \(nan,\)"),
+    ("tta-scale-inf", lambda: multi_scale_logits(_model, _IMG, scales=(1.0, INF)), ValueError,
+     r"scales must be a non-empty list of positive finite factors"),
+    ("tta-scales-empty", lambda: multi_scale_logits(_model, _IMG, scales=()), ValueError,
+     r"scales must be a non-empty list"),
+    ("tta-scale-string", lambda: multi_scale_logits(_model, _IMG, scales=("big",)), TypeError,
+     r"multi_scale_logits: scales must be numbers, got 'big'"),
+    ("tta-size-zero", lambda: multi_scale_logits(_model, _IMG, size=(0, 6)), ValueError,
+     r"multi_scale_logits: size must be two positive ints \(H, W\), got \(0, 6\)"),
+    ("ensemble-size-negative", lambda: ensemble_probs([_model], _IMG, size=(6, -1)),
+     ValueError, r"ensemble_probs: size must be two positive ints \(H, W\), got \(6, -1\)"),
+    ("ensemble-weight-nan", lambda: ensemble_probs([_model, _model], _IMG, weights=[1, NAN]),
+     ValueError, r"weights must be 2 finite non-negative numbers with a positive sum"),
+    ("ensemble-weight-inf", lambda: ensemble_probs([_model], _IMG, weights=[INF]),
+     ValueError, r"weights must be 1 finite non-negative numbers with a positive sum"),
+    ("flip-pair-out-of-range", lambda: flip_logits(_model, _IMG, pairs=((14, 25),)),
+     ValueError, r"flip pair \(14, 25\) outside the 20 output channels"),
+]
+
+
+@table(METRIC_ROWS)
+def test_metrics(call, exc, match):
+    run(call, exc, match)
+
+
+# ----------------------------------------------------------------- models
+def _tiny_ce2p():
+    torch.manual_seed(0)
+    return CE2P(num_classes=4, layers=(1, 1, 1, 1), width_mult=1 / 16,
+                norm="batchnorm").eval()
+
+
+MODEL_ROWS = [
+    ("ce2p-uint8-image", lambda: _tiny_ce2p()(torch.zeros(1, 3, 17, 17, dtype=torch.uint8)),
+     TypeError, r"CE2P expects a floating-point image batch, got torch.uint8: convert it with "
+                r"x.float\(\) / 255 \(BGR in \[0, 1\]\) and normalise with "
+                r"lipfast.models.LIP_MEAN / LIP_STD"),
+    ("ce2p-int64-image", lambda: _tiny_ce2p()(torch.zeros(1, 3, 17, 17, dtype=torch.int64)),
+     TypeError, r"CE2P expects a floating-point image batch, got torch.int64"),
+    ("ce2p-num-classes-zero", lambda: CE2P(num_classes=0), ValueError,
+     r"CE2P: num_classes must be an int >= 1, got 0"),
+    ("ce2p-channels", lambda: _tiny_ce2p()(torch.zeros(1, 4, 17, 17)), ValueError,
+     r"CE2P expects a B x 3 x H x W image batch, got shape \(1, 4, 17, 17\)"),
+]
+
+
+@table(MODEL_ROWS)
+def test_models(call, exc, match):
+    run(call, exc, match)
+
+
+def test_checks_accept_the_edges_of_the_valid_ranges():
+    """The new checks must not reject valid settings: zero class weights, momentum
+    0 and 1 (and None), ABN eps 0, dropout 0 and 1, a tiny positive scale."""
+    upsample_cross_entropy(logits(), labels(), weight=torch.tensor([0.0, 1.0, 2.0]))
+    OCNetCriterion(weight=[0.0, 1.0, 1.0])([logits(), logits()], labels())
+    for m in (0.0, 1.0, None):
+        lipfast.InPlaceABN(4, momentum=m)
+    lipfast.ABN(4, eps=0.0)
+    lipfast.BaseOCModule(8, 8, 4, 4, 0.0)
+    lipfast.PyramidOCModule(8, 8, 1.0)
+    out = lipfast.oc_attention(_qk(), _qk(), 1e-30)
+    assert torch.isfinite(out).all()
+    SCHPCriterion(num_classes=3, lambda_3=0)(schp_preds(), [labels(), edges()])
+    SCHPCriterion(num_classes=3)(schp_preds(), [labels(), edges(), logits(3), logits(2)],
+                                 cycle_n=0)
+    SCHPCriterion(num_classes=3)(schp_preds(), (labels(), edges(), None, None))
+    CE2PCriterion()([logits(), [logits(2)]], [labels(), edges()])
+    assert math.isfinite(float(multi_scale_logits(_model, _IMG, scales=(0.5, 1)).sum()))

@@ -54,7 +54,15 @@ LIP_FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))
 
 def metrics_from_matrix(cm: torch.Tensor) -> dict:
     """SPEC section 4's formulas on a C x C confusion matrix (x100)."""
+    if not isinstance(cm, torch.Tensor):
+        raise TypeError(f"metrics_from_matrix: cm must be a C x C tensor, got "
+                        f"{type(cm).__name__}")
+    if cm.dim() != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(f"metrics_from_matrix: cm must be a square C x C matrix, got shape "
+                         f"{tuple(cm.shape)}")
     cm = cm.detach().to("cpu", torch.float64)
+    if bool((cm < 0).any()) or not bool(torch.isfinite(cm).all()):
+        raise ValueError("metrics_from_matrix: cm has negative counts (or non-finite values)")
     pos = cm.sum(1)
     res = cm.sum(0)
     tp = cm.diagonal()

@@ -21,12 +21,17 @@ not switch autograd off themselves) with the model in eval mode.
   through, e.g. ``functools.partial(multi_scale_logits, scales=(0.75, 1, 1.25),
   flip=True)``.
 
+``scales`` must be positive finite numbers, ``size`` two positive ints, ensemble
+``weights`` finite, >= 0, with a positive sum (ValueError/TypeError otherwise).
 All compute in the dtype the model returns; :func:`swap_channels` returns a new
 tensor (the model's output is not modified).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -56,6 +61,33 @@ def _check_images(images):
         raise ValueError("images must be a B x 3 x H x W tensor, got "
                          + (str(tuple(images.shape)) if isinstance(images, torch.Tensor)
                             else type(images).__name__))
+
+
+def _check_size(size, owner):
+    """``size`` (H, W) as a tuple of two positive ints."""
+    try:
+        ok = len(size) == 2 and all(
+            not isinstance(v, bool) and operator.index(v) > 0 for v in size)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: size must be two positive ints (H, W), got {size!r}")
+    return tuple(operator.index(v) for v in size)
+
+
+def _check_scales(scales, owner):
+    try:
+        scales = list(scales)
+    except TypeError:
+        raise TypeError(f"{owner}: scales must be a list of numbers, got "
+                        f"{type(scales).__name__}") from None
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise TypeError(f"{owner}: scales must be numbers, got {s!r}")
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f"{owner}: scales must be a non-empty list of positive finite factors, "
+                         f"got {tuple(scales)!r}")
+    return [float(s) for s in scales]
 
 
 def _check_pairs(pairs, c):
@@ -104,13 +136,12 @@ def multi_scale_logits(model: Callable, images: torch.Tensor,
     ``size`` (default: the input's H x W); with ``flip``, each scale is itself
     flip-averaged (:func:`flip_logits`)."""
     _check_images(images)
-    if len(scales) == 0 or any(float(s) <= 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty list of positive factors, got {scales!r}")
+    scales = _check_scales(scales, "multi_scale_logits")
     h, w = images.shape[-2:]
-    size = (h, w) if size is None else tuple(int(v) for v in size)
+    size = (h, w) if size is None else _check_size(size, "multi_scale_logits")
     total = None
     for s in scales:
-        hs, ws = max(1, int(round(h * float(s)))), max(1, int(round(w * float(s))))
+        hs, ws = max(1, int(round(h * s))), max(1, int(round(w * s)))
         x = _resize(images, (hs, ws))
         out = flip_logits(model, x, pairs, output_fn) if flip else _pick(model(x), output_fn)
         out = _resize(out, size)
@@ -134,10 +165,11 @@ def ensemble_probs(models: Sequence[Callable], images: torch.Tensor,
     if weights is None:
         weights = [1.0] * len(models)
     weights = [float(v) for v in weights]
-    if len(weights) != len(models) or any(v < 0 for v in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive "
-                         f"sum, got {weights}")
-    size = tuple(images.shape[-2:]) if size is None else tuple(int(v) for v in size)
+    if len(weights) != len(models) or any(not math.isfinite(v) or v < 0 for v in weights) or (
+            sum(weights) <= 0):
+        raise ValueError(f"weights must be {len(models)} finite non-negative numbers with a "
+                         f"positive sum, got {weights}")
+    size = tuple(images.shape[-2:]) if size is None else _check_size(size, "ensemble_probs")
     norm = sum(weights)
     total = None
     for model, wt in zip(models, weights):

@@ -430,6 +430,10 @@ class CE2P(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"CE2P expects a B x 3 x H x W image batch, got shape "
                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"CE2P expects a floating-point image batch, got {x.dtype}: convert "
+                            "it with x.float() / 255 (BGR in [0, 1]) and normalise with "
+                            "lipfast.models.LIP_MEAN / LIP_STD")
         if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
             raise ValueError(f"CE2P got an empty input of shape {tuple(x.shape)}")
         fuse = self._fuse_relu_conv
