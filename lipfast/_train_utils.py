@@ -1,13 +1,12 @@
 """Helpers shared by ``lipfast.train`` and ``lipfast.evaluate``: atomic
 checkpoints, RNG state capture, SCHP's learning-rate schedule, the
 deterministic sharded sampler, self-correction (parameter averaging and BN
-re-estimation), model construction from stored hyper-parameters, a progress
-bar and the SIGINT/SIGTERM stop flag."""
+re-estimation), model construction from stored hyper-parameters, progress
+(tqdm, or plain lines for logs) and the SIGINT/SIGTERM stop flag."""
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import sys
@@ -34,19 +33,18 @@ def atomic_save(obj, path) -> None:
         torch.save(obj, f)
 
 
-def load_training_checkpoint(path) -> dict:
-    """A checkpoint written by ``lipfast.train`` (``weights_only=True``), checked."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised naming the file
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "hparams" not in ckpt:
-        raise ValueError(f"{path} is not a lipfast.train checkpoint (no 'model'/'hparams'); "
-                         "plain state_dicts load with lipfast.models.load_checkpoint")
-    return ckpt
+def load_training_checkpoint(path, option: str = "--resume") -> dict:
+    """A checkpoint written by ``lipfast.train`` (``weights_only=True``), read
+    and checked by :func:`lipfast.models.read_checkpoint` (the one reader);
+    another format is a ``ValueError`` saying what the file is."""
+    from lipfast.models import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != "lipfast.train":
+        raise ValueError(f"{option} {ckpt.path}: needs a lipfast.train checkpoint (weights, "
+                         f"optimiser, schedule and RNG state); this file is a "
+                         f"{ckpt.description} (weights only): start from it with --init")
+    return ckpt.raw
 
 
 def model_hparams(model) -> dict:
@@ -268,44 +266,72 @@ def world_size() -> int:
 
 # ----------------------------------------------------------------- progress / stop
 
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
 class Progress:
-    """A one-line progress bar on terminals (``\\r``), a plain line every
-    ``every`` steps otherwise (logs, CI)."""
+    """Progress of a loop of ``total`` steps, with tqdm (SCHP's tools use it).
+
+    ``mode``: ``"bar"``: a tqdm bar on stderr; ``"lines"``: tqdm's own status
+    line (ASCII) printed as a plain line every ``every`` steps and at the last
+    one, to ``stream`` (default stdout), for logs and CI; ``"off"``: nothing;
+    ``"auto"`` (default): ``bar`` when stderr is a terminal, else ``lines``.
+    ``update(done, info)`` reports ``done`` steps finished (``info``: a postfix
+    such as the loss); the first update may start past 0 (a resumed epoch): the
+    rate is the steps done here over the time since the ``Progress`` was made
+    (the first step included). ``enabled=False`` is ``mode="off"`` (other ranks)."""
 
     def __init__(self, total: int, prefix: str = "", every: int = 20, stream=None,
-                 enabled: bool = True):
+                 enabled: bool = True, mode: str = "auto"):
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
         self.total, self.prefix, self.every = max(1, int(total)), prefix, max(1, int(every))
-        self.stream = stream or sys.stdout
-        self.enabled = enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.done0 = None
+        if not enabled:
+            mode = "off"
+        if mode == "auto":
+            err = sys.stderr
+            mode = "bar" if hasattr(err, "isatty") and err.isatty() else "lines"
+        self.mode = mode
+        self.stream = stream
+        self.bar = None
+        self.t0 = time.perf_counter()  # the clock runs from here: the first step counts
+        self.t0_wall = time.time()  # the same instant on tqdm's clock
+        self.start = None
 
     def update(self, done: int, info: str = "") -> None:
-        if not self.enabled:
+        if self.mode == "off":
             return
-        if self.done0 is None:
-            self.done0 = done - 1
-        if not self.tty and done % self.every and done != self.total:
+        if self.mode == "bar":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, initial=done - 1, desc=self.prefix,
+                                file=self.stream or sys.stderr, dynamic_ncols=True,
+                                leave=True)
+                self.bar.start_t = self.bar.last_print_t = self.t0_wall
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
+            self.bar.update(done - self.bar.n)
             return
+        if self.start is None:
+            self.start = done - 1
+        if done % self.every and done != self.total:
+            return
+        from tqdm import tqdm
+
         elapsed = time.perf_counter() - self.t0
-        rate = (done - self.done0) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        width = 24
-        fill = int(width * done / self.total)
-        bar = "#" * fill + "." * (width - fill)
-        line = (f"{self.prefix} [{bar}] {done}/{self.total} {info} "
-                f"{rate:.2f} it/s eta {int(eta) // 60:d}:{int(eta) % 60:02d}")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        rate = (done - self.start) / elapsed if elapsed > 0 else None
+        line = tqdm.format_meter(done, self.total, elapsed, ncols=100, prefix=self.prefix,
+                                 ascii=True, postfix=info or None, rate=rate,
+                                 initial=self.start)
+        stream = self.stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class StopFlag:

@@ -103,3 +103,21 @@ def test_bad_arguments(tmp_path):
         main([str(tmp_path), "--images", "2", "--size", "4"])
     with pytest.raises(ValueError, match="--val"):
         make_synthetic(tmp_path, 2, val=-1)
+
+
+def test_progress_lines_and_off(tmp_path, capsys):
+    """Generation reports progress through tqdm's status line: plain lines when
+    stderr is no terminal (as under pytest), none with --progress off."""
+    main([str(tmp_path / "a"), "--images", "8", "--val", "2", "--size", "24"])
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("synthetic train:")]
+    assert [ln.split("|")[2].split()[0] for ln in lines] == ["2/8", "4/8", "6/8", "8/8"]
+    assert "\r" not in out.out and "synthetic val: 100%" in out.out
+    main([str(tmp_path / "b"), "--images", "8", "--val", "2", "--size", "24",
+          "--progress", "off"])
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [f"synthetic: wrote 8 train images to {tmp_path / 'b'}",
+                                    f"synthetic: wrote 2 val images to {tmp_path / 'b'}"]
+    assert out.err == ""
+    with pytest.raises(ValueError, match="--progress"):
+        make_synthetic(tmp_path / "c", 2, quiet=False, progress="fancy")

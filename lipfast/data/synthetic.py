@@ -1,9 +1,11 @@
 """A small synthetic data set in the LIP layout, for smoke tests and demos.
 
-``python -m lipfast.data.synthetic OUT --images N [--size 96] [--seed 0] [--val M]``
-writes ``OUT/{train,val}_images/<id>.jpg``, ``OUT/{train,val}_segmentations/<id>.png``
-and ``OUT/{train,val}_id.txt`` (SPEC section 6): N training and M validation
-images (M defaults to max(2, N // 4)), nothing downloaded.
+``python -m lipfast.data.synthetic OUT --images N [--size 96] [--seed 0] [--val M]
+[--progress auto|bar|lines|off]`` writes ``OUT/{train,val}_images/<id>.jpg``,
+``OUT/{train,val}_segmentations/<id>.png`` and ``OUT/{train,val}_id.txt`` (SPEC
+section 6): N training and M validation images (M defaults to max(2, N // 4)),
+nothing downloaded. Progress: a tqdm bar on a terminal, a plain line per
+quarter of a split otherwise.
 
 Every image is one drawn, front-facing figure on a noisy background: head with
 hair and face, torso, arms, legs and shoes, plus an outfit (upper-clothes and
@@ -190,9 +192,16 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | None = None,
-                   quiet: bool = True) -> dict:
-    """Writes the data set (see the module docstring); returns {split: [ids]}."""
+                   quiet: bool = True, progress: str = "auto") -> dict:
+    """Writes the data set (see the module docstring); returns {split: [ids]}.
+    ``quiet=False`` reports progress (``progress``: ``auto``, ``bar``, ``lines``
+    or ``off``, see :class:`lipfast._train_utils.Progress`) and a line per split."""
     from PIL import Image
+
+    from .._train_utils import PROGRESS_MODES, Progress
+
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"--progress must be one of {PROGRESS_MODES}, got {progress!r}")
 
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ValueError(f"--images must be a positive integer, got {images!r}")
@@ -212,12 +221,16 @@ def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | N
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(seg_dir, exist_ok=True)
         ids = []
+        prog = Progress(n, prefix=f"synthetic {split}", every=max(1, n // 4),
+                        mode="off" if quiet else progress)
         for i in range(n):
             sid = f"synth_{split}_{i:05d}"
             img, lab = make_sample(seed, split, i, size)
             Image.fromarray(img, "RGB").save(os.path.join(img_dir, sid + ".jpg"), quality=95)
             Image.fromarray(lab, "L").save(os.path.join(seg_dir, sid + ".png"))
             ids.append(sid)
+            prog.update(i + 1)
+        prog.close()
         _write_text_atomic(os.path.join(out, f"{split}_id.txt"), "\n".join(ids) + "\n")
         result[split] = ids
         if not quiet:
@@ -234,9 +247,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=None,
                    help="number of validation images (default max(2, images // 4))")
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto",
+                   help="auto: a tqdm bar on a terminal, plain lines otherwise")
     args = p.parse_args(argv)
     try:
-        make_synthetic(args.out, args.images, args.size, args.seed, args.val, quiet=False)
+        make_synthetic(args.out, args.images, args.size, args.seed, args.val, quiet=False,
+                       progress=args.progress)
     except ValueError as err:
         p.error(str(err))
     return 0
