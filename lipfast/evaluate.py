@@ -2,13 +2,24 @@
 
 ``python -m lipfast.evaluate --data ROOT --checkpoint PATH [--split val] [--flip]
 [--scales 0.75,1,1.25] [--ensemble CKPT ...] [--save-pred DIR] [--vis N] [--out DIR]
-[--json PATH] [--batch-size B] [--device cpu|cuda] [--schp]``
+[--json PATH] [--batch-size B] [--device cpu|cuda] [--schp] [--num-classes N]
+[--context C] [--layers L] [--width-mult W] [--output-stride S] [--norm N]
+[--progress auto|bar|lines|off]``
 
-- The model is rebuilt from the hyper-parameters ``lipfast.train`` stores in the
-  checkpoint (``context``, ``output_stride``, ``layers``, ``width_mult``,
-  ``num_classes``, ``norm``, ``crop_size``) and loaded with
-  ``torch.load(weights_only=True)``. ``--schp`` evaluates the self-correction
-  (averaged) model a checkpoint holds instead of the trained one.
+- Checkpoints (read by :func:`lipfast.models.read_checkpoint`,
+  ``torch.load(weights_only=True)``): a ``lipfast.train`` checkpoint (the
+  model is rebuilt from its stored hyper-parameters and crop size), SCHP's
+  released checkpoints (``{'state_dict': {'module.' + key: tensor}}``, e.g.
+  ``exp-schp-201908261155-lip.pth``) or a plain state_dict: the model is
+  chosen from the keys (classes from the classifier, context from the keys
+  present, Bottleneck counts, width; :func:`lipfast.models.checkpoint_config`),
+  output stride 16 and crop 473 unless ``--output-stride`` / ``--crop-size``
+  say otherwise. ``--num-classes``, ``--context``, ``--layers``,
+  ``--width-mult`` and ``--output-stride`` may be given; one that contradicts
+  the checkpoint is an error naming both values. ``--norm`` picks the norm
+  implementation (default ``inplace_abn``; keys and numerics are the same).
+  ``--schp`` evaluates the self-correction (averaged) model a lipfast.train
+  checkpoint holds instead of the trained one.
 - Each image is centred in the crop as in SCHP's validation transform
   (:class:`lipfast.data.LIPDataset` with ``train=False``); the fusion logits
   are upsampled to the crop size (bilinear, align_corners=True), optionally
@@ -24,7 +35,12 @@
   as a table.
 - ``--save-pred DIR`` writes ``<id>.png`` palette PNGs (LIP palette) at the
   original size; ``--vis N`` writes N side-by-side PNGs (input | ground truth |
-  prediction) to ``--out`` (default ``eval_vis``).
+  prediction, titled, upscaled by an integer factor to at least
+  :data:`VIS_MIN_HEIGHT` pixels: labels nearest, the input bicubic) with a
+  colour legend naming the classes (classes absent from both maps in grey) to
+  ``--out`` (default ``eval_vis``).
+- Progress: a tqdm bar on a terminal, a plain line every 10 batches otherwise
+  (logs, CI); ``--progress`` forces ``bar``, ``lines`` or ``off``.
 
 Precision: the model runs in float32 (``--amp bf16`` on CUDA for autocast);
 averaging and the warp back are float32.
@@ -35,6 +51,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -42,8 +59,13 @@ import time
 import torch
 
 from lipfast._io import atomic_file
-from lipfast._train_utils import Progress, build_model, eval_norm, load_training_checkpoint
+from lipfast._train_utils import PROGRESS_MODES, Progress
 from lipfast.data import LIPDataset, collate, lip_palette, warp_back
+from lipfast.models import CONTEXTS, NORMS, model_from_checkpoint, read_checkpoint
+
+#: ``--vis`` pictures: panels are upscaled (integer factor) to at least this height
+VIS_MIN_HEIGHT = 384
+_VIS_MARGIN, _VIS_GAP, _VIS_TITLE, _VIS_ROW, _VIS_SWATCH = 8, 8, 24, 22, 16
 
 
 def _fusion_fn(model, autocast=None):
@@ -99,16 +121,96 @@ def _colour(label: torch.Tensor) -> torch.Tensor:
     return pal[label.clamp(0, 255).long().cpu()]
 
 
-def _side_by_side(meta, label, pred, path: str) -> None:
-    """input | ground truth | prediction, at the original size."""
-    from PIL import Image
+def _font(size: int = 14):
+    from PIL import ImageFont
 
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _legend_entries(num_classes: int, class_names=None) -> list:
+    from lipfast.metrics import LIP_CLASSES
+
+    if class_names is None:
+        class_names = LIP_CLASSES if num_classes == len(LIP_CLASSES) else [
+            f"class {c}" for c in range(num_classes)]
+    return [(c, str(class_names[c])) for c in range(num_classes)] + [(255, "ignore (255)")]
+
+
+def vis_layout(height: int, width: int, num_classes: int, class_names=None) -> dict:
+    """Geometry of a ``--vis`` picture for an ``height`` x ``width`` image:
+    ``scale`` (integer upscaling of the panels), ``size`` (W, H of the picture),
+    ``panels`` (three (x0, y0, x1, y1) boxes: input, ground truth, prediction),
+    ``legend`` (its box) and ``swatches`` ({class: box of its colour square})."""
+    from PIL import Image, ImageDraw
+
+    k = max(1, math.ceil(VIS_MIN_HEIGHT / max(1, int(height))))
+    pw, ph = k * int(width), k * int(height)
+    m, gap = _VIS_MARGIN, _VIS_GAP
+    total_w = 2 * m + 3 * pw + 2 * gap
+    top = m + _VIS_TITLE
+    panels = [(m + i * (pw + gap), top, m + i * (pw + gap) + pw, top + ph) for i in range(3)]
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = _legend_entries(num_classes, class_names)
+    text_w = max(int(measure.textlength(name, font=font)) for _, name in entries)
+    cell = _VIS_SWATCH + 6 + text_w + 14
+    cols = max(1, (total_w - 2 * m) // cell)
+    rows = math.ceil(len(entries) / cols)
+    ly = top + ph + m
+    legend = (m, ly, total_w - m, ly + rows * _VIS_ROW)
+    swatches = {}
+    for i, (c, _) in enumerate(entries):
+        x = m + (i % cols) * cell
+        y = ly + (i // cols) * _VIS_ROW + (_VIS_ROW - _VIS_SWATCH) // 2
+        swatches[c] = (x, y, x + _VIS_SWATCH, y + _VIS_SWATCH)
+    return {"scale": k, "size": (total_w, legend[3] + m), "panels": panels, "legend": legend,
+            "swatches": swatches, "cell": cell, "entries": entries}
+
+
+def side_by_side(rgb, label, pred, num_classes: int, class_names=None):
+    """The ``--vis`` picture (a PIL RGB image) of one sample: ``rgb`` (H x W x 3
+    uint8), ``label`` and ``pred`` (H x W class maps), see :func:`vis_layout`."""
+    from PIL import Image, ImageDraw
+
+    rgb = torch.as_tensor(rgb)
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    lay = vis_layout(h, w, num_classes, class_names)
+    k = lay["scale"]
+    im = Image.new("RGB", lay["size"], (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    font = _font()
+    tiles = [Image.fromarray(rgb.numpy(), "RGB").resize((k * w, k * h), Image.BICUBIC),
+             Image.fromarray(_colour(label).numpy(), "RGB").resize((k * w, k * h), Image.NEAREST),
+             Image.fromarray(_colour(pred).numpy(), "RGB").resize((k * w, k * h), Image.NEAREST)]
+    for tile, box, title in zip(tiles, lay["panels"], ("input", "ground truth", "prediction")):
+        im.paste(tile, box[:2])
+        tw = d.textlength(title, font=font)
+        d.text(((box[0] + box[2] - tw) / 2, _VIS_MARGIN + 3), title, fill=(0, 0, 0), font=font)
+    present = set(torch.as_tensor(label).unique().tolist()) | set(
+        torch.as_tensor(pred).unique().tolist())
+    pal = lip_palette()
+    for c, name in lay["entries"]:
+        if c == 255 and 255 not in present:
+            continue  # the ignore entry only where the ground truth has it
+        x0, y0, x1, y1 = lay["swatches"][c]
+        d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=tuple(pal[3 * c:3 * c + 3]),
+                    outline=(90, 90, 90))
+        d.text((x1 + 6, y0 - 1), name, font=font,
+               fill=(0, 0, 0) if c in present else (165, 165, 165))
+    return im
+
+
+def _side_by_side(meta, label, pred, path: str, num_classes: int, class_names=None) -> None:
+    """input | ground truth | prediction with a legend (:func:`side_by_side`)."""
     from lipfast.data import read_image
 
     rgb = read_image(meta["image_path"]).flip(0).permute(1, 2, 0)
-    panel = torch.cat([rgb, _colour(label), _colour(pred)], dim=1)
+    im = side_by_side(rgb, label, pred, num_classes, class_names)
     with atomic_file(path) as f:
-        Image.fromarray(panel.numpy(), "RGB").save(f, format="PNG")
+        im.save(f, format="PNG")
 
 
 @torch.no_grad()
@@ -144,7 +246,8 @@ def evaluate_loader(models, loader, num_classes: int, device, flip=False, scales
                 _palette_png(pred, os.path.join(save_pred, f"{meta['id']}.png"))
             if shown < vis and vis_dir:
                 _side_by_side(meta, labels[i], pred.cpu(),
-                              os.path.join(vis_dir, f"{meta['id']}_vis.png"))
+                              os.path.join(vis_dir, f"{meta['id']}_vis.png"), num_classes,
+                              names)
                 shown += 1
         done += 1
         if progress is not None:
@@ -164,26 +267,38 @@ def _parse_scales(text: str):
     return scales
 
 
-def load_model(path, device, use_schp: bool = False):
-    """(model in eval mode on ``device``, checkpoint hparams) from a
-    ``lipfast.train`` checkpoint."""
-    ckpt = load_training_checkpoint(path)
-    hp = ckpt["hparams"]
-    model = build_model(hp, norm=eval_norm(hp["norm"]))
-    state = ckpt["model"]
-    if use_schp:
-        if ckpt.get("schp_model") is None:
-            raise ValueError(f"{path} holds no self-correction (SCHP) model; train with --cycles")
-        state = ckpt["schp_model"]
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), hp
+def _layers_arg(text: str):
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be 4 comma-separated ints, got {text!r}")
+    if len(vals) != 4 or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--layers must be 4 positive ints, got {text!r}")
+    return vals
+
+
+def load_model(path, device, use_schp: bool = False, **flags):
+    """(model in eval mode on ``device``, hparams, checkpoint) from a
+    checkpoint in any format :func:`lipfast.models.read_checkpoint` reads;
+    ``flags``: ``num_classes``, ``context``, ``layers``, ``width_mult``,
+    ``output_stride``, ``norm`` (checked against the checkpoint)."""
+    ckpt = read_checkpoint(path)
+    model, cfg = model_from_checkpoint(ckpt, which="schp_model" if use_schp else "model",
+                                       **flags)
+    hp = dict(cfg)
+    if ckpt.hparams is not None and ckpt.hparams.get("crop_size"):
+        hp["crop_size"] = ckpt.hparams["crop_size"]
+    return model.to(device).eval(), hp, ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lipfast.evaluate",
-                                description="mIoU of a lipfast.train checkpoint on a LIP split.")
+                                description="mIoU of a parsing checkpoint (lipfast.train's, "
+                                "SCHP's release layout or a plain state_dict) on a LIP split.")
     p.add_argument("--data", required=True, help="LIP-layout data root")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by lipfast.train")
+    p.add_argument("--checkpoint", required=True,
+                   help="lipfast.train checkpoint, SCHP release checkpoint "
+                        "({'state_dict': {'module.*': ...}}) or plain state_dict")
     p.add_argument("--split", default="val")
     p.add_argument("--flip", action="store_true", help="average with the mirrored input")
     p.add_argument("--scales", type=_parse_scales, default=(1.0,),
@@ -191,20 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT",
                    help="more checkpoints; softmax maps are averaged")
     p.add_argument("--schp", action="store_true",
-                   help="evaluate the self-correction model stored in the checkpoints")
+                   help="evaluate the self-correction model stored in lipfast.train checkpoints")
+    g = p.add_argument_group("model (default: from the checkpoint; a value that contradicts "
+                             "it is an error)")
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--context", choices=CONTEXTS, default=None)
+    g.add_argument("--layers", type=_layers_arg, default=None,
+                   help="Bottleneck counts of layer1..4, e.g. 3,4,23,3")
+    g.add_argument("--width-mult", type=float, default=None)
+    g.add_argument("--output-stride", type=int, choices=(8, 16), default=None,
+                   help="not visible in the keys: default the stored one, else 16 (SCHP)")
+    g.add_argument("--norm", choices=NORMS, default=None,
+                   help="norm implementation (default inplace_abn; same keys and numerics)")
     p.add_argument("--save-pred", default=None, metavar="DIR", help="write palette PNGs here")
     p.add_argument("--vis", type=int, default=0, metavar="N",
                    help="write N side-by-side pictures (input | truth | prediction)")
     p.add_argument("--out", default="eval_vis", help="folder of the --vis pictures")
     p.add_argument("--json", default=None, metavar="PATH", help="write the metrics as JSON")
     p.add_argument("--crop-size", type=int, default=None,
-                   help="network input size (default: the training crop size)")
+                   help="network input size (default: the training crop size, else 473)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                    help="autocast dtype on CUDA")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N only")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="auto: a tqdm bar on a terminal, plain lines otherwise")
     return p
 
 
@@ -213,11 +341,17 @@ def main(argv=None) -> dict:
     if args.batch_size < 1:
         raise SystemExit("lipfast.evaluate: --batch-size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    flags = {k: getattr(args, k) for k in ("num_classes", "context", "layers", "width_mult",
+                                             "output_stride", "norm")}
     models, hps = [], []
     for path in [args.checkpoint] + list(args.ensemble):
-        m, hp = load_model(path, device, args.schp)
+        m, hp, ckpt = load_model(path, device, args.schp, **flags)
         models.append(m)
         hps.append(hp)
+        print(f"lipfast.evaluate: {path}: {ckpt.description}; CE2P {hp['context']}, "
+              f"{hp['num_classes']} classes, layers {','.join(map(str, hp['layers']))}, "
+              f"width {hp['width_mult']:g}, output stride {hp['output_stride']}, "
+              f"norm {hp['norm']}", flush=True)
     ncls = {int(h["num_classes"]) for h in hps}
     if len(ncls) != 1:
         raise ValueError(f"ensemble members disagree on num_classes: {sorted(ncls)}")
@@ -235,7 +369,7 @@ def main(argv=None) -> dict:
         autocast = functools.partial(torch.autocast, "cuda", dtype=dtype)
 
     t0 = time.perf_counter()
-    prog = Progress(len(loader), prefix="evaluate", every=10)
+    prog = Progress(len(loader), prefix="evaluate", every=10, mode=args.progress)
     metrics = evaluate_loader(models, loader, num_classes, device, args.flip, args.scales,
                               autocast, args.save_pred, args.vis, args.out, prog)
     prog.close()
@@ -247,7 +381,8 @@ def main(argv=None) -> dict:
           f"{time.perf_counter() - t0:.1f} s)")
     out = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in res.items()}
     out.update(images=len(ds), flip=args.flip, scales=list(args.scales),
-               checkpoints=[args.checkpoint] + list(args.ensemble))
+               checkpoints=[args.checkpoint] + list(args.ensemble),
+               model={k: v for k, v in hps[0].items() if k != "crop_size"})
     if args.json:
         with atomic_file(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -257,6 +392,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError) as err:
         print(f"lipfast.evaluate: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,12 @@ What it does, as SCHP's ``train.py``:
 - Model: :class:`lipfast.models.CE2P` (``--context``, ``--output-stride``,
   ``--layers``, ``--width-mult``; ``--norm`` defaults to ``inplace_abn_sync``
   under DDP, so the norms' statistics are synchronised across ranks, and to
-  ``inplace_abn`` in one process). ``--imagenet PATH`` initialises the backbone.
+  ``inplace_abn`` in one process). ``--imagenet PATH`` initialises the backbone;
+  ``--init CKPT`` initialises the whole model from a checkpoint in any format
+  :func:`lipfast.models.read_checkpoint` reads (a lipfast.train checkpoint's
+  ``model``, SCHP's released ``exp-schp-*.pth``, a plain state_dict), e.g. to
+  fine-tune SCHP's LIP model; ``--num-classes``, ``--context``, ``--layers``
+  and ``--width-mult`` must match its keys (an error names the flag otherwise).
 - Data: :class:`lipfast.data.LIPDataset` with SCHP's augmentation; each rank
   reads its shard of a shuffled order (``seed + epoch``; drop_last), edge labels
   are computed on the device with :func:`lipfast.losses.generate_edge`.
@@ -33,8 +38,10 @@ What it does, as SCHP's ``train.py``:
 - Output in ``--out``: ``checkpoint.pth`` (written atomically at the end of every
   epoch and when stopping), ``metrics.csv`` (epoch, iters, loss, lr, val_miou,
   seconds; val_miou when ``--val-every`` runs validation), ``curves.png`` (loss
-  and mIoU per epoch; skipped with one log line without matplotlib) and
-  ``train.log``-style progress lines on stdout.
+  and val mIoU per epoch, drawn with PIL: no matplotlib needed; rewritten every
+  epoch) and progress on the console: a tqdm bar per epoch on a terminal, a
+  plain line every ``--log-every`` iterations otherwise (logs, CI);
+  ``--progress bar|lines|off`` forces one.
 
 Checkpoint (``torch.load(weights_only=True)`` reads it): ``model``,
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``iter_in_epoch`` (the
@@ -52,7 +59,9 @@ kernels with non-deterministic reductions may differ in the last bits).
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM finishes the current iteration, writes the
 checkpoint of that iteration boundary (atomically: temporary file, then
-``os.replace``), and exits with status 130; the previous checkpoint stays intact
+``os.replace``), says where it stopped (epochs counted from 1, as the progress
+shows: "interrupted in epoch 2/100 after 1/2 of its iterations") and exits with
+status 130; the previous checkpoint stays intact
 until the new one is complete. A second Ctrl-C aborts at once without saving
 (the last complete checkpoint is still intact). ``--max-iters N`` stops the same
 way after N iterations in total (status 0).
@@ -75,13 +84,14 @@ import torch
 import torch.distributed as dist
 
 from lipfast._io import atomic_file
-from lipfast._train_utils import (CHECKPOINT_FORMAT, Progress, SCHPSchedule, ShardSampler,
+from lipfast._train_utils import (CHECKPOINT_FORMAT, PROGRESS_MODES, Progress, SCHPSchedule,
+                                  ShardSampler,
                                   StopFlag, atomic_save, bn_re_estimate, build_model,
                                   ignore_sigint_in_worker, load_training_checkpoint,
                                   model_hparams, moving_average, rng_state, set_rng_state)
 
 CSV_FIELDS = ("epoch", "iters", "loss", "lr", "val_miou", "seconds")
-_NO_PLOT_LOGGED = []  # the missing-matplotlib line is logged once
+CURVES_SIZE = (900, 340)  # curves.png: two panels, loss and val mIoU per epoch
 
 
 def _layers(text: str):
@@ -110,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=20)
     p.add_argument("--imagenet", default=None, metavar="PATH",
                    help="ImageNet ResNet checkpoint for the backbone (deep-stem names)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="initial weights of the whole model: a lipfast.train checkpoint, "
+                        "SCHP's release checkpoint or a plain state_dict")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--crop-size", type=int, default=473)
@@ -134,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast on CUDA (auto: bf16 where supported); CPU runs float32")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20, help="progress line every N iterations")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="without a terminal: a progress line every N iterations")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="auto: a tqdm bar on a terminal, plain lines otherwise")
     p.add_argument("--check-sync", action="store_true",
                    help="under DDP, verify after every epoch that all ranks hold equal weights")
     return p
@@ -215,37 +231,95 @@ def _write_csv_row(path: str, row: dict) -> None:
         w.writerow(row)
 
 
-def _plot_curves(csv_path: str, png_path: str) -> bool:
-    try:
-        import matplotlib
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list:
+    """About ``n`` round tick values covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0, 1.0]
+    if hi - lo < 1e-12:
+        lo, hi = lo - max(abs(lo) * 0.1, 0.5), hi + max(abs(hi) * 0.1, 0.5)
+    raw = (hi - lo) / max(1, n - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    v = start
+    while v < hi + step * 0.999:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _NO_PLOT_LOGGED:
-            _log("lipfast.train: matplotlib not installed, no curves.png")
-            _NO_PLOT_LOGGED.append(True)
-        return False
+
+def _draw_panel(draw, box, xs, ys, colour, title, font, empty_note="") -> None:
+    """A line chart of ``ys`` over ``xs`` (epochs) in ``box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 58, x1 - 12, y0 + 28, y1 - 40
+    draw.text((x0 + (x1 - x0) / 2 - draw.textlength(title, font=font) / 2, y0 + 4), title,
+              fill=(0, 0, 0), font=font)
+    label = "epoch"
+    draw.text(((left + right) / 2 - draw.textlength(label, font=font) / 2, bottom + 20), label,
+              fill=(0, 0, 0), font=font)
+    if not ys:
+        draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+        draw.text((left + 10, (top + bottom) / 2 - 7), empty_note, fill=(120, 120, 120), font=font)
+        return
+    xt = _nice_ticks(min(xs), max(xs), 6)
+    xt = [t for t in xt if float(t).is_integer()] or xt
+    yt = _nice_ticks(min(ys), max(ys), 5)
+    xlo, xhi = min(xt[0], min(xs)), max(xt[-1], max(xs))
+    ylo, yhi = yt[0], yt[-1]
+
+    def px(x):
+        return left + (x - xlo) / (xhi - xlo or 1) * (right - left)
+
+    def py(y):
+        return bottom - (y - ylo) / (yhi - ylo or 1) * (bottom - top)
+
+    for t in yt:
+        y = py(t)
+        draw.line([left, y, right, y], fill=(225, 225, 225))
+        text = f"{t:g}"
+        draw.text((left - 6 - draw.textlength(text, font=font), y - 7), text, fill=(0, 0, 0),
+                  font=font)
+    for t in xt:
+        x = px(t)
+        draw.line([x, bottom, x, bottom + 4], fill=(0, 0, 0))
+        text = f"{t:g}"
+        draw.text((x - draw.textlength(text, font=font) / 2, bottom + 5), text, fill=(0, 0, 0),
+                  font=font)
+    pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+    if len(pts) > 1:
+        draw.line(pts, fill=colour, width=2)
+    for x, y in pts:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # the frame on top
+
+
+def _plot_curves(csv_path: str, png_path: str) -> bool:
+    """``curves.png``: training loss and val mIoU per epoch from ``metrics.csv``,
+    drawn with PIL (no matplotlib), written atomically."""
+    from PIL import Image, ImageDraw, ImageFont
+
     with open(csv_path, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return False
-    ep = [int(r["epoch"]) for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(ep, [float(r["loss"]) for r in rows], marker="o")
-    ax[0].set_xlabel("epoch")
-    ax[0].set_ylabel("training loss")
-    vals = [(int(r["epoch"]), float(r["val_miou"])) for r in rows if r["val_miou"] not in ("", None)]
-    if vals:
-        ax[1].plot([v[0] for v in vals], [v[1] for v in vals], marker="o", color="C1")
-    ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("val mIoU (%)")
-    fig.tight_layout()
     try:
-        with atomic_file(png_path) as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    loss = [(int(r["epoch"]), float(r["loss"])) for r in rows
+            if math.isfinite(float(r["loss"]))]
+    vals = [(int(r["epoch"]), float(r["val_miou"])) for r in rows
+            if r["val_miou"] not in ("", None)]
+    w, h = CURVES_SIZE
+    im = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    _draw_panel(d, (0, 0, w // 2, h), [e for e, _ in loss], [v for _, v in loss],
+                (31, 119, 180), "training loss", font)
+    _draw_panel(d, (w // 2, 0, w, h), [e for e, _ in vals], [v for _, v in vals],
+                (255, 127, 14), "val mIoU (%)", font, "no validation yet (--val-every N)")
+    with atomic_file(png_path) as f:
+        im.save(f, format="PNG")
     return True
 
 
@@ -286,6 +360,8 @@ class Trainer:
             from lipfast.models import load_imagenet
 
             load_imagenet(model, args.imagenet)
+        if args.init:
+            self._init_weights(model, args.init)
         self.model = model.to(self.device)
         self.hparams = dict(model_hparams(self.model), crop_size=args.crop_size)
         self.ddp = None
@@ -325,8 +401,25 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
 
+    def _init_weights(self, model, path: str) -> None:
+        """``--init``: the whole model's weights from a checkpoint in any format,
+        its keys checked against the model flags first (errors name the flag)."""
+        from lipfast.models import checkpoint_config, load_checkpoint, read_checkpoint
+
+        a = self.args
+        ckpt = read_checkpoint(path)
+        checkpoint_config(ckpt, num_classes=a.num_classes, context=a.context, layers=a.layers,
+                          width_mult=a.width_mult)
+        load_checkpoint(model, ckpt)
+        _log(f"lipfast.train: weights initialised from {path} ({ckpt.description})")
+
     def _check_args(self):
         a = self.args
+        if a.init and a.resume is not None:
+            raise ValueError("--init and --resume both set the weights: pass one (--resume "
+                             "continues a lipfast.train run, --init starts a new one)")
+        if a.init and a.imagenet:
+            raise ValueError("--init and --imagenet both set the backbone: pass one")
         for name in ("epochs", "batch_size", "crop_size", "cycle_epochs", "num_classes"):
             if getattr(a, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -386,8 +479,13 @@ class Trainer:
         self.iteration, self.cycle_n = int(ckpt["iteration"]), int(ckpt["cycle_n"])
         self.loss_sum, self.loss_count = float(ckpt["loss_sum"]), int(ckpt["loss_count"])
         set_rng_state(ckpt["rng"])
-        _log(f"lipfast.train: resumed from {path} at epoch {self.epoch}, iteration "
-             f"{self.iteration} ({self.iter_in_epoch}/{self.iters_per_epoch} of the epoch)")
+        if self.epoch >= self.args.epochs:
+            _log(f"lipfast.train: resumed from {path}: all {self.args.epochs} epochs are done "
+                 f"(iteration {self.iteration}); raise --epochs to go on")
+        else:
+            _log(f"lipfast.train: resumed from {path} in epoch {self.epoch + 1}/"
+                 f"{self.args.epochs} after {self.iter_in_epoch}/{self.iters_per_epoch} of its "
+                 f"iterations (iteration {self.iteration} in all)")
 
     # -------------------------------------------------------------- steps
     def _to_device(self, images, labels):
@@ -445,14 +543,23 @@ class Trainer:
         self.cycle_n += 1
         limit = self.args.bn_batches
 
+        total = self.iters_per_epoch if limit is None else min(limit, self.iters_per_epoch)
+        prog = Progress(total, prefix=f"self-correction {self.cycle_n}: norm statistics",
+                        every=self.args.log_every, enabled=self.rank == 0,
+                        mode=self.args.progress)
+
         def batches():
             self.sampler.set_epoch(self.epoch, 0)
             for i, (images, _, _) in enumerate(self.loader):
                 if limit is not None and i >= limit:
                     break
                 yield images.to(self.device)
+                prog.update(i + 1)
 
-        n = bn_re_estimate(self.schp_model, batches(), self.autocast)
+        try:
+            n = bn_re_estimate(self.schp_model, batches(), self.autocast)
+        finally:
+            prog.close()
         if self.world > 1 and self.model.norm != "inplace_abn_sync":
             for b in self.schp_model.buffers():
                 dist.broadcast(b, 0)
@@ -473,8 +580,14 @@ class Trainer:
                                              batch_size=self.args.batch_size,
                                              num_workers=self.args.workers,
                                              collate_fn=self.collate)
-        metrics = evaluate_loader([self.model], loader, self.args.num_classes, self.device,
-                                  autocast=self.autocast, reduce=self.world > 1)
+        prog = Progress(len(loader), prefix="validate", every=max(1, self.args.log_every),
+                        enabled=self.rank == 0, mode=self.args.progress)
+        try:
+            metrics = evaluate_loader([self.model], loader, self.args.num_classes, self.device,
+                                      autocast=self.autocast, reduce=self.world > 1,
+                                      progress=prog)
+        finally:
+            prog.close()
         self.model.train()
         return metrics
 
@@ -494,7 +607,7 @@ class Trainer:
                 self.train_set.set_epoch(self.epoch)
                 self.sampler.set_epoch(self.epoch, self.iter_in_epoch)
                 prog = Progress(self.iters_per_epoch, prefix=f"epoch {self.epoch + 1}/{a.epochs}",
-                                every=a.log_every, enabled=self.rank == 0)
+                                every=a.log_every, enabled=self.rank == 0, mode=a.progress)
                 stopped = False
                 for images, labels, _ in self.loader:
                     if a.max_iters is not None and self.iteration >= a.max_iters:
@@ -522,8 +635,11 @@ class Trainer:
                 if stopped:
                     self.save()
                     why = "interrupted" if status else f"--max-iters {a.max_iters} reached"
-                    _log(f"lipfast.train: {why}: state at epoch {self.epoch}, iteration "
-                         f"{self.iteration} saved to {self.ckpt_path} (continue with --resume)")
+                    # epochs counted from 1, as the progress shows them
+                    _log(f"lipfast.train: {why} in epoch {self.epoch + 1}/{a.epochs} after "
+                         f"{self.iter_in_epoch}/{self.iters_per_epoch} of its iterations "
+                         f"(iteration {self.iteration} in all); state saved to "
+                         f"{self.ckpt_path} (continue with --resume)")
                     break
                 self._end_epoch(t0)
                 if a.max_iters is not None and self.iteration >= a.max_iters \
@@ -606,7 +722,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         t = main()
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError) as err:
         print(f"lipfast.train: error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(t.status)

@@ -92,16 +92,99 @@ def test_loss_goes_down_and_outputs(trained):
                                "norm": "inplace_abn", "crop_size": 57}
     for key in ("model", "optimizer", "scheduler", "rng"):
         assert ckpt[key]
-    try:
-        import matplotlib  # noqa: F401
-        assert (out / "curves.png").stat().st_size > 0
-    except ImportError:
-        pass
+    _check_curves(out / "curves.png")
     # the checkpoint also loads with the model package's plain loader
     from lipfast.models import load_checkpoint
 
     load_checkpoint(_train_utils.build_model(ckpt["hparams"], "inplace_abn"),
                     out / "checkpoint.pth")
+
+
+def _check_curves(path):
+    """curves.png: written without matplotlib (drawn with PIL), both panels
+    hold their line (loss: blue, val mIoU: orange)."""
+    from lipfast.train import CURVES_SIZE
+
+    im = Image.open(path)
+    assert im.size == CURVES_SIZE and im.mode == "RGB"
+    px = np.asarray(im)
+    half = CURVES_SIZE[0] // 2
+    blue = (px[..., 0] == 31) & (px[..., 1] == 119) & (px[..., 2] == 180)
+    orange = (px[..., 0] == 255) & (px[..., 1] == 127) & (px[..., 2] == 14)
+    assert blue[:, :half].sum() > 20 and not blue[:, half:].any()
+    assert orange[:, half:].sum() > 20 and not orange[:, :half].any()
+
+
+def test_curves_drawn_without_matplotlib(tmp_path, monkeypatch):
+    """Before: no curves.png at all without matplotlib (no requirements file installs it)."""
+    import lipfast.train as train
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,iters,loss,lr,val_miou,seconds\n1,4,3.2,0.01,,1.0\n"
+                        "2,8,2.5,0.01,12.5,1.0\n3,12,2.1,0.01,,1.0\n4,16,1.7,0.01,30.25,1.0\n")
+    assert train._plot_curves(str(csv_path), str(tmp_path / "curves.png"))
+    _check_curves(tmp_path / "curves.png")
+    # one epoch, no validation yet: still a picture
+    csv_path.write_text("epoch,iters,loss,lr,val_miou,seconds\n1,4,3.2,0.01,,1.0\n")
+    assert train._plot_curves(str(csv_path), str(tmp_path / "one.png"))
+    assert Image.open(tmp_path / "one.png").size == train.CURVES_SIZE
+
+
+def test_nice_ticks():
+    from lipfast.train import _nice_ticks
+
+    assert _nice_ticks(0.3, 9.7) == [0, 2.5, 5, 7.5, 10]
+    assert _nice_ticks(1, 4, 6) == [1, 2, 3, 4]  # step 0.6 rounds up to 1
+    assert _nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1]
+    t = _nice_ticks(2.0, 2.0)
+    assert t[0] < 2.0 < t[-1]
+
+
+# ----------------------------------------------------------------- progress
+
+def test_progress_lines_mode_is_readable(capsys):
+    """Without a terminal: tqdm's status line as a plain line every N steps and
+    at the end (no carriage returns in the log); off prints nothing."""
+    p = _train_utils.Progress(7, prefix="epoch 1/3", every=3, mode="lines")
+    for i in range(1, 8):
+        p.update(i, f"loss {1.0 / i:.4f}")
+    p.close()
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert "\r" not in out.out and out.err == ""
+    assert [ln.split("|")[2].split()[0] for ln in lines] == ["3/7", "6/7", "7/7"]
+    assert lines[0].startswith("epoch 1/3:") and "loss 0.3333" in lines[0]
+    assert lines[-1].startswith("epoch 1/3: 100%") and "it/s" in lines[-1]
+    q = _train_utils.Progress(7, prefix="x", every=1, mode="off")
+    q.update(1, "y")
+    q.close()
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ValueError, match="progress mode"):
+        _train_utils.Progress(3, mode="fancy")
+
+
+def test_progress_auto_and_bar_mode(capsys):
+    # pytest's stderr is no terminal: auto writes lines
+    assert _train_utils.Progress(3).mode == "lines"
+    assert _train_utils.Progress(3, enabled=False).mode == "off"
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar_stream = Tty()
+    p = _train_utils.Progress(4, prefix="evaluate", mode="bar", stream=bar_stream)
+    from tqdm import tqdm
+
+    for i in range(3, 5):  # a resumed epoch starts at step 3
+        p.update(i, "loss 1.5")
+        assert isinstance(p.bar, tqdm) and p.bar.n == i and p.bar.initial == 2
+        assert 0 <= p.bar.format_dict["elapsed"] < 60  # on tqdm's clock, from the start
+    p.close()
+    text = bar_stream.getvalue()
+    assert "evaluate" in text and "4/4" in text and "loss 1.5" in text and "\r" in text
 
 
 def _state(path):
@@ -246,7 +329,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode == 2 and "data root not found" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_sigint_stops_at_iteration_boundary_and_resumes(data4, tmp_path, monkeypatch):
+def test_sigint_stops_at_iteration_boundary_and_resumes(data4, tmp_path, monkeypatch, capsys):
     """Ctrl-C (a real SIGINT to this process) during iteration 3: the iteration
     finishes, its state is written atomically, status 130; --resume goes on."""
     from lipfast.train import Trainer, main
@@ -264,10 +347,16 @@ def test_sigint_stops_at_iteration_boundary_and_resumes(data4, tmp_path, monkeyp
     out = tmp_path / "run"
     args = ["--data", str(data4), "--out", str(out), "--epochs", "100", "--batch-size", "2",
             "--crop-size", "33", *TINY]
+    capsys.readouterr()
     t = main(args)
     assert t.status == 130 and len(t.losses) == 3
     ck = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert (ck["epoch"], ck["iter_in_epoch"], ck["iteration"]) == (1, 1, 3)
+    # epochs counted from 1 in the message, as in the progress lines (epoch index 1 = the 2nd)
+    log = capsys.readouterr().out
+    assert "interrupted in epoch 2/100 after 1/2 of its iterations (iteration 3 in all)" in log
+    assert "epoch 2/100:" in log and "epoch 1/100: 100%" in log
+    assert "epoch 1," not in log and "at epoch" not in log
     for k, v in t.model.state_dict().items():
         assert torch.equal(ck["model"][k], v)
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "curves.png", "metrics.csv"] or \
@@ -276,6 +365,8 @@ def test_sigint_stops_at_iteration_boundary_and_resumes(data4, tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     t2 = main(args[:5] + ["2"] + args[6:] + ["--resume"])  # --epochs 2
     assert t2.status == 0 and t2.iteration == 4 and len(t2.losses) == 1
+    log = capsys.readouterr().out
+    assert "in epoch 2/2 after 1/2 of its iterations (iteration 3 in all)" in log, log
 
 
 @pytest.mark.slow
@@ -331,11 +422,57 @@ def test_evaluate_table_and_saved_predictions(trained, data8, tmp_path, capsys):
     assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
     vis = sorted((tmp_path / "vis").iterdir())
     assert len(vis) == 2
-    w, h = Image.open(vis[0]).size
-    sid = vis[0].name[:-len("_vis.png")]
-    gw, gh = Image.open(data8 / "val_segmentations" / f"{sid}.png").size
-    assert (w, h) == (3 * gw, gh)
+    _check_vis(vis[0], data8, pred)
     assert (tmp_path / "m.json").exists()
+
+
+def _check_vis(path, data, pred_dir):
+    """The --vis picture: panels upscaled (nearest for the label maps) to at
+    least VIS_MIN_HEIGHT, titled, and a legend whose swatches carry the palette
+    colours of the 20 classes."""
+    from lipfast.data import lip_palette
+    from lipfast.evaluate import VIS_MIN_HEIGHT, vis_layout
+
+    im = np.asarray(Image.open(path).convert("RGB"))
+    sid = path.name[:-len("_vis.png")]
+    gt = np.array(Image.open(data / "val_segmentations" / f"{sid}.png"))
+    pr = np.array(Image.open(pred_dir / f"{sid}.png"))
+    gh, gw = gt.shape
+    lay = vis_layout(gh, gw, 20)
+    k = lay["scale"]
+    assert k == -(-VIS_MIN_HEIGHT // gh) and k * gh >= VIS_MIN_HEIGHT  # 48-px images: 8x
+    assert im.shape[1::-1] == lay["size"]
+    pal = np.array(lip_palette(), dtype=np.uint8).reshape(256, 3)
+    for (x0, y0, x1, y1), lab in zip(lay["panels"][1:], (gt, pr)):
+        assert (x1 - x0, y1 - y0) == (k * gw, k * gh)
+        want = pal[lab.repeat(k, 0).repeat(k, 1)]
+        assert np.array_equal(im[y0:y1, x0:x1], want)
+    x0, y0, x1, y1 = lay["legend"]
+    assert y0 >= lay["panels"][0][3] and y1 <= im.shape[0] and x1 - x0 > 3 * gw
+    assert set(lay["swatches"]) == set(range(20)) | {255}
+    for c in range(20):
+        sx0, sy0, sx1, sy1 = lay["swatches"][c]
+        assert tuple(im[(sy0 + sy1) // 2, (sx0 + sx1) // 2]) == tuple(pal[c]), c
+        # the class name beside the swatch: dark pixels on white
+        text = im[sy0:sy1, sx1 + 4:sx0 + lay["cell"] - 8]
+        assert (text.min(-1) < 200).sum() > 10, c
+    # titles above the panels
+    title = im[:lay["panels"][0][1], lay["panels"][0][0]:lay["panels"][2][2]]
+    assert (title.min(-1) < 100).sum() > 30
+
+
+def test_side_by_side_legend_names_and_large_images():
+    from lipfast.evaluate import side_by_side, vis_layout
+
+    big = vis_layout(500, 300, 20)
+    assert big["scale"] == 1 and big["size"][0] == 2 * 8 + 3 * 300 + 2 * 8
+    small = vis_layout(40, 30, 3, ["bg", "a", "b"])
+    assert small["scale"] == 10 and set(small["swatches"]) == {0, 1, 2, 255}
+    rgb = torch.zeros(40, 30, 3, dtype=torch.uint8)
+    lab = torch.zeros(40, 30, dtype=torch.long)
+    lab[10:20, 5:15] = 1
+    im = side_by_side(rgb, lab, lab, 3, ["bg", "a", "b"])
+    assert im.size == small["size"]
 
 
 def test_evaluate_flip_scales_ensemble(trained, data8, capsys):
