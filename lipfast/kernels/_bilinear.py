@@ -2,9 +2,10 @@
 (``upsample_ce``, ``confusion_matrix``).
 
 The resize is described by per-row and per-column tap tables computed on the
-host with ATen's align_corners arithmetic: output row ``y`` reads input rows
-``RI0[y]`` and ``RI1[y]`` with weight ``RA[y]`` on the second; output column
-``x`` reads columns ``CJ0[x]`` and ``CJ1[x]`` with weight ``CB[x]``.
+host with ATen's align_corners arithmetic (:func:`lipfast.kernels._taps.bilinear_taps`,
+pure torch, so that the PyTorch paths use it without Triton): output row ``y``
+reads input rows ``RI0[y]`` and ``RI1[y]`` with weight ``RA[y]`` on the second;
+output column ``x`` reads columns ``CJ0[x]`` and ``CJ1[x]`` with weight ``CB[x]``.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def confusion_matrix(input, labels, num_classes, ignore_index, resize, out=None,
     mode = _mode(input, labels, resize)
     acc_t = torch.float64 if input.dtype == torch.float64 else torch.float32
     if mode == 2:
-        from ..losses.upsample_ce import bilinear_taps
+        from ._taps import bilinear_taps
 
         h, w = input.shape[2:]
         ri0, ri1, ra = bilinear_taps(hh, h, True, acc_t, dev)

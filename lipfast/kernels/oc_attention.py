@@ -46,7 +46,7 @@ def region_tables(h: int, w: int, regions: int, block: int, device) -> tuple[tor
     hit = _tables.get(key)
     if hit is not None:
         return hit
-    from ..ops.oc_attention import pyramid_regions
+    from ._regions import pyramid_regions
 
     regs, tiles = [], []
     for idx, (r0, r1, c0, c1) in enumerate(pyramid_regions(h, w, regions)):

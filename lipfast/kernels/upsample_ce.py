@@ -55,7 +55,7 @@ def tables(hh: int, ww: int, h: int, w: int, align_corners: bool, dtype, device)
     hit = _tables.get(key)
     if hit is not None:
         return hit
-    from ..losses.upsample_ce import bilinear_taps
+    from ._taps import bilinear_taps
 
     out = []
     for n_out, n_in in ((hh, h), (ww, w)):

@@ -93,6 +93,7 @@ import torch
 from torch import nn
 
 from .. import _ext
+from ..kernels._taps import bilinear_taps
 
 # Elements of one B x C x rows x W tile of the PyTorch path (CUDA float64 or
 # no Triton; 2 MiB in float32); a few such temporaries are alive at once.
@@ -106,22 +107,6 @@ _BAD_LABEL_MSG = ("upsample_cross_entropy: a label is outside [0, {c}) and not "
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def bilinear_taps(n_out: int, n_in: int, align_corners: bool, dtype, device):
-    """(i0, i1, lam) of the 1-D bilinear map n_in -> n_out as F.interpolate
-    computes it: out[d] = (1 - lam[d]) * in[i0[d]] + lam[d] * in[i1[d]]."""
-    d = torch.arange(n_out, dtype=torch.float64, device=device)
-    if align_corners:
-        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-        src = d * scale
-    else:
-        scale = n_in / n_out
-        src = ((d + 0.5) * scale - 0.5).clamp_min(0.0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    lam = (src - i0).to(dtype)
-    return i0, i1, lam
 
 
 def bilinear_matrix(n_out: int, n_in: int, align_corners: bool, dtype, device) -> torch.Tensor:

@@ -30,24 +30,11 @@ import numbers
 
 import torch
 
+from ..kernels._regions import pyramid_regions
+
 # Scores per CPU tile, over the whole batch: a tile holds B x rows x n scores
 # (16 MiB in float32), so memory stays O(N * d) plus a bounded tile.
 _CPU_TILE_ELEMS = 1 << 22
-
-
-def pyramid_regions(h: int, w: int, s: int) -> list[tuple[int, int, int, int]]:
-    """(row0, row1, col0, col1) of OCNet's s x s pyramid regions in row-major
-    order: step = h // s (w // s), the last row (column) of regions ends at h (w)."""
-    if s <= 1:
-        return [(0, h, 0, w)]
-    sh, sw = h // s, w // s
-    out = []
-    for i in range(s):
-        r0, r1 = i * sh, (h if i == s - 1 else (i + 1) * sh)
-        for j in range(s):
-            c0, c1 = j * sw, (w if j == s - 1 else (j + 1) * sw)
-            out.append((r0, r1, c0, c1))
-    return out
 
 
 def check_oc_attention_args(qk: torch.Tensor, v: torch.Tensor, scale: float, regions: int) -> None:
