@@ -525,6 +525,29 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: str) -> None:
     g.add_argument("--order", choices=("rotate", "shuffle"), default=None,
                    help="order of the implementations in each round: rotated every round "
                         "(default) or shuffled (seeded)")
+    g.add_argument("--parse-only", action="store_true",
+                   help=f"check the command line and exit 0 without running anything (also "
+                        f"with {PARSE_ONLY_ENV}=1 in the environment; benchmarks/run_gpu.sh "
+                        "--dry-run uses it)")
+
+
+PARSE_ONLY_ENV = "LIPFAST_BENCH_PARSE_ONLY"
+
+
+def parse_only(args: argparse.Namespace) -> bool:
+    """True when the run should stop after parsing (--parse-only or the env var)."""
+    return bool(getattr(args, "parse_only", False)) or os.environ.get(PARSE_ONLY_ENV, "") \
+        not in ("", "0")
+
+
+def exit_if_parse_only(args: argparse.Namespace, script: str) -> None:
+    """After the script's own checks of its arguments: with --parse-only (or
+    LIPFAST_BENCH_PARSE_ONLY=1), print what was parsed and exit 0."""
+    if parse_only(args):
+        given = {k: v for k, v in vars(args).items() if v not in (None, False, [])
+                 and k != "parse_only"}
+        print(f"parse-only: {os.path.basename(script)} arguments ok: {given}", flush=True)
+        raise SystemExit(0)
 
 
 def settings_from_args(args: argparse.Namespace, default: Settings) -> Settings:

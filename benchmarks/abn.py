@@ -30,6 +30,27 @@ Before timing, one step of every variant is checked against the reference with
 identical weights (lipfast's in-place layers use ``|w| + eps`` as the scale, so
 the reference gets ``|w| + eps`` where lipfast gets ``w``).
 
+Floor (benchmarks/_roofline.py, shared by every benchmark): per shape, the bytes
+the stack's tensors must move and the FLOPs its convolutions need, the floor
+max(bytes / bandwidth, FLOPs / rate) with the ceilings measured in the same run
+(CPU: a large memory copy and a float32 matmul; CUDA: benchmarks/gpu_ceilings.py)
+and the fraction achieved (floor / median). With A = e*B*C*H*W bytes (one
+activation at the dtype, e = 4 float32, 2 bf16) and Wt = e*9*C^2 (one conv weight),
+per block and training step:
+
+  FLOPs  conv forward 2*9*B*H*W*C^2, backward 2 x that (input and weight
+         gradients): 3 * 18*B*H*W*C^2 per block; the norm and activation
+         (element-wise) are not counted
+  bytes  each layer's inputs read once and outputs written once: forward, conv
+         reads x and Wt and writes y, norm+activation reads y and writes z
+         (4A + Wt); backward, the norm+activation reads dz and z and writes dy,
+         the conv reads dy, x and Wt and writes dx and dWt (6A + 2Wt): 10A + 3Wt
+         per block
+
+The rate: bf16 under --dtype bf16; float32 on CUDA is tf32 when
+torch.backends.cudnn.allow_tf32 (the default) lets cuDNN use TF32, else fp32.
+``--model h200`` adds the floor by the H200's data sheet.
+
 Run: ``python benchmarks/abn.py [--device cuda] [--full] [--json out.json]``;
 ``--quick``: the small shapes, 1 warm-up and 3 rounds (a smoke run, seconds).
 On a CPU where other processes keep half the cores or more busy at the start,
@@ -54,6 +75,7 @@ import lipfast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _roofline  # noqa: E402
 import _timing  # noqa: E402
 
 SLOPE = 0.01
@@ -295,7 +317,17 @@ class Row:
     time_ratio: float | None = None
     saved_ratio: float | None = None
     peak_ratio: float | None = None
+    floor: dict | None = None  # benchmarks/_roofline.py: bytes, flops, floor_ms, fraction
     note: str = ""
+
+
+def stack_work(batch: int, channels: int, hw: int, depth: int, dtype: str) -> tuple[float, float]:
+    """(bytes, FLOPs) of one training step of the stack (see the Floor section)."""
+    e = 2 if dtype == "bf16" else 4
+    act = e * batch * channels * hw * hw
+    wt = e * 9 * channels ** 2
+    flops = 3 * 18 * batch * hw * hw * channels ** 2
+    return float(depth * (10 * act + 3 * wt)), float(depth * flops)
 
 
 def environment(device: torch.device, argv=None) -> dict:
@@ -339,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{REFERENCE!r} always runs); names: {', '.join(VARIANTS)}")
     p.add_argument("--json", metavar="PATH", help="write all measurements and the environment")
     _timing.add_arguments(p, timing_defaults_help())
+    _roofline.add_arguments(p)
     return p
 
 
@@ -367,11 +400,13 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
-def print_table(rows: list[Row], cuda: bool) -> None:
+def print_table(rows: list[Row], cuda: bool, roof=None) -> None:
     head = f"{'shape (B,C,H,W)':<18} {'variant':<23} {'fwd+bwd ms [p20-p80]':>21} " \
            f"{'x ref':>6} {'rounds':>6} {'saved MB':>9} {'x ref':>6}"
     if cuda:
         head += f" {'peak MB':>9} {'x ref':>6}"
+    fcols = roof.headers() if roof is not None else []
+    head += "".join(f" {n:>{w}}" for n, w in fcols)
     head += "  notes"
     print(head)
     print("-" * len(head))
@@ -385,11 +420,14 @@ def print_table(rows: list[Row], cuda: bool) -> None:
                 f"{fmt(r.saved_mb, '9.1f'):>9} {fmt(r.saved_ratio, '6.2f'):>6}")
         if cuda:
             line += f" {fmt(r.peak_mb, '9.1f'):>9} {fmt(r.peak_ratio, '6.2f'):>6}"
+        if roof is not None:
+            line += "".join(f" {v:>{w}}" for v, (n, w) in zip(roof.cells(r.floor), fcols))
         print(line + ("  " + r.note if r.note else ""))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    _timing.exit_if_parse_only(args, __file__)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -432,6 +470,10 @@ def main(argv=None) -> dict:
         print("note: " + threads_note)
     if "syncbn+leaky" in variants and not cuda:
         print("note: " + SYNCBN_CPU_NOTE)
+    roof = _roofline.from_args(args, device, args.quick)
+    for line in roof.describe():
+        print(line)
+    rate = "bf16" if args.dtype == "bf16" else _roofline.compute_dtype(device, "fp32", "conv")
 
     rows: list[Row] = []
     checks = {}
@@ -494,7 +536,9 @@ def main(argv=None) -> dict:
             row.times_ms, row.warmup_ms = list(t.times_ms), list(t.warmup_ms)
             row.time_ms, row.p20_ms, row.p80_ms, row.min_ms = t.median, t.p20, t.p80, t.min
             row.rounds = t.rounds
+        nbytes, flops = stack_work(batch, channels, hw, args.depth, args.dtype)
         for v, row in shape_rows.items():
+            row.floor = roof.row(nbytes, flops, rate, row.time_ms)
             row.time_ratio = row.time_ms / ref_row.time_ms
             row.saved_ratio = row.saved_mb / ref_row.saved_mb if ref_row.saved_mb else None
             if row.peak_mb is not None and ref_row.peak_mb:
@@ -503,13 +547,20 @@ def main(argv=None) -> dict:
                   flush=True)
         print(f"  {m.rounds} rounds after {m.warmup_rounds} warm-up ({m.elapsed_s:.1f} s)",
               flush=True)
+        fl = ref_row.floor
+        if fl.get("floor_ms") is not None:
+            print(f"  floor: {_roofline.fmt_count(nbytes, 'B')}, "
+                  f"{_roofline.fmt_count(flops, 'FLOP')} -> {_roofline.fmt_floor(fl['floor_ms'])} "
+                  f"ms ({fl['bound']}-bound)", flush=True)
         _timing.print_warnings(m, "  ")
         del models
         if cuda:
             torch.cuda.empty_cache()
     elapsed = time.perf_counter() - t_start
     print()
-    print_table(rows, cuda)
+    print_table(rows, cuda, roof)
+    for line in roof.describe():
+        print(line)
     print(f"\n{len(rows)} rows in {elapsed:.1f} s; times: median [20th-80th percentile] of "
           "the timed rounds (benchmarks/_timing.py)")
     warned = [k for k, t in timing.items() if t["warnings"]]
@@ -526,6 +577,7 @@ def main(argv=None) -> dict:
                        slope=SLOPE, eps=EPS, threads=torch.get_num_threads(),
                        threads_note=threads_note,
                        timing=_timing.settings_summary(settings)),
+        "roofline": roof.summary(),
         "timing": timing,
         "checks": checks,
         "rows": [asdict(r) for r in rows],

@@ -72,6 +72,35 @@ Measured per row and implementation:
               relates it to this device's bf16 matmul rate measured here
               (median of 8192^3 bf16 matmuls)
 
+Floor (benchmarks/_roofline.py, shared by every benchmark): per row and
+implementation, the bytes that must move and the FLOPs the math needs, the floor
+max(bytes / bandwidth, FLOPs / rate) with the ceilings measured in the same run
+(CPU: a large memory copy and a float32 matmul through benchmarks/_timing.py;
+CUDA: benchmarks/gpu_ceilings.py, or its --json through --ceilings), and the
+fraction achieved (floor / median). Core rows, N = H*W positions, per image:
+
+  FLOPs  forward 2*B*n^2*(dk+dv) summed over every region (n its positions) of
+         every pyramid scale; backward 2.5 x forward (the flash-attention
+         convention: the score matrix is recomputed), forward+backward 3.5 x
+  bytes  at the row's dtype (e bytes per element), inputs read once and outputs
+         written once: forward e*B*N*(dk + 2*dv) (read qk and v, write the
+         output); backward e*B*N*(2*dk + 3*dv) (read qk, v and the output's
+         gradient, write the gradients of qk and v); one pyramid row reads its
+         inputs once for all its scales
+
+FLOPs executed (recomputation counted) are printed beside the FLOPs needed:
+lipfast on CUDA from lipfast.kernels.oc_attention.executed_flops (n/a when the
+kernels do not provide it); lipfast on CPU runs ATen's flash kernel, which
+recomputes nothing beyond the flash backward counted in the 2.5 x, so executed =
+needed there; reference and sdpa as counted by torch.utils.flop_counter over one
+forward+backward step. Module rows: FLOPs counted by torch.utils.flop_counter over
+the eager reference module (convolutions and matmuls; matmul backward counted as
+2 x its forward, element-wise work 0), bytes = the module's input, output and
+parameters (forward) plus the output's gradient, the input's gradient and the
+parameters' gradients (backward): a lower bound, activations in between not
+counted. ``--model h200`` adds the floor by the H200's data sheet (4.8 TB/s; bf16
+989, fp32 67 TFLOP/s).
+
 Run: ``python benchmarks/attn.py`` (CPU: small shapes, a few minutes on 2
 cores; CUDA: the full shapes, fp32 and bf16); ``--quick``: the small shapes,
 3 rounds, for a smoke run (figures not for quoting). ``--json PATH`` writes every
@@ -107,6 +136,7 @@ from lipfast.ops import oc_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+import _roofline  # noqa: E402
 import _timing  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -273,6 +303,71 @@ def core_flops(cfg: dict) -> float:
             n = (r1 - r0) * (c1 - c0)
             total += 2 * n * n * (cfg["dk"] + cfg["dv"])
     return float(total * cfg["batch"])
+
+
+def core_bytes(cfg: dict, dtype: str) -> tuple[float, float]:
+    """(forward, forward+backward) bytes of a core row: inputs read once, outputs
+    written once (see the Floor section of the docstring)."""
+    e = _roofline.esize(dtype)
+    bn = cfg["batch"] * cfg["h"] * cfg["w"]
+    dk, dv = cfg["dk"], cfg["dv"]
+    fwd = e * bn * (dk + 2 * dv)
+    return float(fwd), float(fwd + e * bn * (2 * dk + 3 * dv))
+
+
+def _fwd_bwd(fn, cfg, **kw) -> tuple[float, float]:
+    """(forward, forward+backward) of a lipfast.kernels.oc_attention FLOP counter
+    summed over the row's scales; backward=True read as the backward alone when it
+    is nearer 2.5 x the forward than 3.5 x."""
+    n = cfg["h"] * cfg["w"]
+    f = b = 0.0
+    for s in cfg["scales"]:
+        args = (cfg["batch"], n, cfg["dk"], cfg["dv"])
+        regions = None if s == 1 else s
+        f1 = float(fn(*args, regions=regions, backward=False, **kw))
+        b1 = float(fn(*args, regions=regions, backward=True, **kw))
+        f += f1
+        b += (f1 + b1) if abs(b1 - 2.5 * f1) <= abs(b1 - 3.5 * f1) else b1
+    return f, b
+
+
+def kernel_flops(cfg: dict, device) -> dict:
+    """FLOPs needed and executed by lipfast's kernels for a core row:
+    {needed_fwd, needed_fwdbwd, executed_fwd, executed_fwdbwd, source, note}."""
+    own_f = core_flops(cfg)
+    res = dict(needed_fwd=own_f, needed_fwdbwd=3.5 * own_f, executed_fwd=None,
+               executed_fwdbwd=None, source="formula (benchmarks/attn.py)", note="")
+    try:
+        from lipfast.kernels import oc_attention as kernels
+
+        needed = getattr(kernels, "needed_flops", None)
+        executed = getattr(kernels, "executed_flops", None)
+    except Exception:  # noqa: BLE001 - no Triton, or the kernels module moved
+        needed = executed = None
+    if needed is not None:
+        try:
+            nf, nb = _fwd_bwd(needed, cfg)
+            if abs(nf - own_f) > 1e-6 * own_f:
+                res["note"] = (f"needed_flops() gives {nf:.4g} forward FLOPs, the formula "
+                               f"{own_f:.4g}; the formula is used")
+            else:
+                res["needed_fwdbwd"] = nb
+                res["source"] = "lipfast.kernels.oc_attention.needed_flops"
+        except Exception as err:  # noqa: BLE001 - a different signature: formula
+            res["note"] = f"needed_flops() raised {type(err).__name__}: {err}"
+    if device.type != "cuda":
+        res["executed_fwd"], res["executed_fwdbwd"] = res["needed_fwd"], res["needed_fwdbwd"]
+        res["executed_source"] = ("CPU: ATen's flash kernel, no recomputation beyond the "
+                                  "flash backward: executed = needed")
+    elif executed is not None:
+        try:
+            res["executed_fwd"], res["executed_fwdbwd"] = _fwd_bwd(executed, cfg)
+            res["executed_source"] = "lipfast.kernels.oc_attention.executed_flops"
+        except Exception as err:  # noqa: BLE001
+            res["executed_source"] = f"executed_flops() raised {type(err).__name__}: {err}"
+    else:
+        res["executed_source"] = "n/a: lipfast.kernels.oc_attention has no executed_flops"
+    return res
 
 
 # --------------------------------------------------------------------------- modules
@@ -679,7 +774,15 @@ class Result:
     peak_mb: float | None = None
     peak_ratio: float | None = None
     largest_mb: float | None = None
-    flops_fwd: float | None = None
+    flops_fwd: float | None = None  # needed (core: formula; module: flop_counter)
+    flops_fwdbwd: float | None = None
+    exec_flops_fwd: float | None = None  # executed, recomputation counted (None: n/a)
+    exec_flops_fwdbwd: float | None = None
+    exec_flops_source: str = ""
+    bytes_fwd: float | None = None
+    bytes_fwdbwd: float | None = None
+    floor_fwd: dict | None = None  # benchmarks/_roofline.py: floor, fraction, models
+    floor_fwdbwd: dict | None = None
     tflops_fwd: float | None = None
     tflops_fwdbwd: float | None = None
     pct_bf16_fwd: float | None = None
@@ -770,6 +873,68 @@ def module_flops(cfg) -> float:
     return core_flops(_core(b, h // 2, w // 2, out // 2, out))
 
 
+def module_bytes(cfg, dtype: str, impl: Impl, gout) -> tuple[float, float]:
+    """(forward, forward+backward) bytes of a module row: input read, output written,
+    parameters read; backward: the output's gradient read, the input's and the
+    parameters' gradients written (activations in between not counted)."""
+    e = _roofline.esize(dtype)
+    x = cfg["batch"] * cfg["channels"] * cfg["h"] * cfg["w"]
+    params = sum(p.numel() * p.element_size() for m in impl.modules for p in m.parameters())
+    fwd = e * (x + gout.numel()) + params
+    return float(fwd), float(fwd + e * (gout.numel() + x) + params)
+
+
+def row_work(spec: RowSpec, cfg: dict, dtype: str, impls: dict, gout, device) -> dict:
+    """Bytes and FLOPs of a row for the floor: {method: dict(bytes_fwd, bytes_fwdbwd,
+    flops_fwd, flops_fwdbwd, exec_fwd, exec_fwdbwd, exec_source)} (see the
+    docstring's Floor section)."""
+
+    def counted(impl, backward):
+        with no_dropout([impl]):
+            return _roofline.count_flops(lambda: run_step(impl, gout, backward))
+
+    out = {}
+    if spec.kind == "core":
+        kf = kernel_flops(cfg, device)
+        bf, bfb = core_bytes(cfg, dtype)
+        for name, impl in impls.items():
+            w = dict(bytes_fwd=bf, bytes_fwdbwd=bfb, flops_fwd=kf["needed_fwd"],
+                     flops_fwdbwd=kf["needed_fwdbwd"], flops_source=kf["source"],
+                     flops_note=kf["note"])
+            if name == "lipfast":
+                w.update(exec_fwd=kf["executed_fwd"], exec_fwdbwd=kf["executed_fwdbwd"],
+                         exec_source=kf["executed_source"])
+            else:
+                try:
+                    ef, efb = counted(impl, False), counted(impl, True)
+                    src = "torch.utils.flop_counter, one step"
+                    if not ef:  # an op torch's counter has no formula for (CPU flash SDPA)
+                        ef = efb = None
+                        src = "n/a: torch.utils.flop_counter counts 0 (no formula for the op)"
+                    w.update(exec_fwd=ef, exec_fwdbwd=efb, exec_source=src)
+                except Exception as err:  # noqa: BLE001 - counting is best effort
+                    w.update(exec_fwd=None, exec_fwdbwd=None,
+                             exec_source=f"n/a: flop_counter raised {type(err).__name__}")
+            out[name] = w
+        return out
+    ref = impls[REFERENCE]
+    try:
+        ff, ffb = counted(ref, False), counted(ref, True)
+        src = "torch.utils.flop_counter over the eager reference module, one step"
+    except Exception as err:  # noqa: BLE001
+        ff = module_flops(cfg)
+        ffb = 3.5 * ff
+        src = (f"attention core only (flop_counter raised {type(err).__name__}): "
+               "a lower bound")
+    bf, bfb = module_bytes(cfg, dtype, ref, gout)
+    for name in impls:
+        out[name] = dict(bytes_fwd=bf, bytes_fwdbwd=bfb, flops_fwd=ff, flops_fwdbwd=ffb,
+                         flops_source=src, flops_note="", exec_fwd=None, exec_fwdbwd=None,
+                         exec_source="n/a: lipfast's custom ops are not counted by "
+                                     "torch.utils.flop_counter")
+    return out
+
+
 def measure(impls: dict, results: dict, gout, device, settings) -> _timing.Measurement:
     """Memory (one forward+backward step each), then the timed rounds: every
     implementation's forward and forward+backward steps interleaved
@@ -799,7 +964,8 @@ def measure(impls: dict, results: dict, gout, device, settings) -> _timing.Measu
 
 
 def run_row(spec: RowSpec, cfg: dict, dtype: str, device, settings, tag: str,
-            matmul_tflops: float | None) -> list[Result]:
+            matmul_tflops: float | None, roof: "_roofline.Roofline | None" = None
+            ) -> list[Result]:
     cuda = device.type == "cuda"
     shape = describe(spec, cfg)
     results = {m: Result(spec.name, spec.kind, dtype, shape, m) for m in METHODS}
@@ -871,6 +1037,20 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, settings, tag: str,
         del impls["sdpa"]
 
     try:
+        work = row_work(spec, cfg, dtype, impls, gout, device)
+    except Exception as err:  # noqa: BLE001 - the floor is reported, not required
+        print(f"    note: counting the row's work failed ({type(err).__name__}: {err})")
+        work = {}
+    for name, w in work.items():
+        r = results[name]
+        r.flops_fwd, r.flops_fwdbwd = w["flops_fwd"], w["flops_fwdbwd"]
+        r.bytes_fwd, r.bytes_fwdbwd = w["bytes_fwd"], w["bytes_fwdbwd"]
+        r.exec_flops_fwd, r.exec_flops_fwdbwd = w["exec_fwd"], w["exec_fwdbwd"]
+        r.exec_flops_source = w["exec_source"]
+    if work.get("lipfast", {}).get("flops_note"):
+        print(f"    note: {work['lipfast']['flops_note']}")
+
+    try:
         m = measure(impls, results, gout, device, settings)
     except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, next row
         for r in results.values():
@@ -890,6 +1070,12 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, settings, tag: str,
         r.fwdbwd_speedup = ref.fwdbwd_ms / r.fwdbwd_ms
         r.saved_ratio = ref.saved_mb / r.saved_mb if r.saved_mb else None
         r.peak_ratio = ref.peak_mb / r.peak_mb if (r.peak_mb and ref.peak_mb) else None
+        if roof is not None and name in work:
+            w = work[name]
+            rate = "bf16" if dtype == "bf16" else _roofline.compute_dtype(
+                device, "fp32", "matmul" if spec.kind == "core" else "conv")
+            r.floor_fwd = roof.row(w["bytes_fwd"], w["flops_fwd"], rate, r.fwd_ms)
+            r.floor_fwdbwd = roof.row(w["bytes_fwdbwd"], w["flops_fwdbwd"], rate, r.fwdbwd_ms)
         if cuda and spec.kind == "core":
             r.tflops_fwd = flops / (r.fwd_ms * 1e-3) / 1e12
             r.tflops_fwdbwd = 3.5 * flops / (r.fwdbwd_ms * 1e-3) / 1e12
@@ -903,6 +1089,12 @@ def run_row(spec: RowSpec, cfg: dict, dtype: str, device, settings, tag: str,
                      + ("" if name == REFERENCE else f" (x{r.fwdbwd_speedup:.2f})"))
     print(f"    fwd / fwd+bwd, median [p20-p80]: {', '.join(parts)}; {m.rounds} rounds after "
           f"{m.warmup_rounds} warm-up, row {time.perf_counter() - t_row:.1f} s", flush=True)
+    lf = results["lipfast"].floor_fwdbwd
+    if lf and lf.get("floor_ms") is not None:
+        print(f"    floor (f+b): {_roofline.fmt_count(lf['bytes'], 'B')}, "
+              f"{_roofline.fmt_count(lf['flops'], 'FLOP')} -> {_roofline.fmt_floor(lf['floor_ms'])}"
+              f" ms ({lf['bound']}-bound); lipfast at {_roofline.fmt_fraction(lf['fraction'])}"
+              " of it", flush=True)
     _timing.print_warnings(m)
     del impls
     if cuda:
@@ -917,7 +1109,7 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
-def print_table(results: list[Result], cuda: bool) -> None:
+def print_table(results: list[Result], cuda: bool, roof=None) -> None:
     cols = [("row", 20, "<"), ("dtype", 5, "<"), ("method", 9, "<"),
             ("fwd ms [p20-p80]", 19, ">"), ("speedup", 7, ">"),
             ("f+b ms [p20-p80]", 19, ">"), ("speedup", 7, ">"), ("rounds", 6, ">"),
@@ -926,6 +1118,9 @@ def print_table(results: list[Result], cuda: bool) -> None:
         cols += [("TF/s fwd", 8, ">"), ("TF/s f+b", 8, ">"), ("% bf16", 6, ">")]
     else:
         cols += [("largest MB", 10, ">")]
+    if roof is not None:
+        cols += [("f+b floor", 10, ">"), ("of floor", 8, ">")]
+        cols += [(f"{m} floor", 11, ">") for m in roof.models]
     head = " ".join(f"{n:{a}{w}}" for n, w, a in cols) + "  notes"
     print(head)
     print("-" * len(head))
@@ -948,9 +1143,39 @@ def print_table(results: list[Result], cuda: bool) -> None:
                      fmt(r.pct_bf16_fwdbwd, ".1f")]
         else:
             vals += [fmt(r.largest_mb, ".1f")]
+        if roof is not None:
+            fb = r.floor_fwdbwd
+            vals += roof.cells(fb) if fb else ["-"] * (2 + len(roof.models))
         note = r.note if r.status == "ok" else f"{r.status.upper()}: {r.note}"
         print(" ".join(f"{v:{a}{w}}" for v, (n, w, a) in zip(vals, cols))
               + ("  " + note if note else ""))
+
+
+def print_floor_table(results: list[Result], roof) -> None:
+    """Per row and implementation: bytes, FLOPs needed and executed, the floors and the
+    fractions achieved, forward and forward+backward."""
+    cols = [("row", 20, "<"), ("dtype", 5, "<"), ("method", 9, "<"), ("step", 5, "<"),
+            ("bytes", 9, ">"), ("FLOPs need", 11, ">"), ("FLOPs exec", 11, ">"),
+            ("ms", 8, ">"), ("floor ms", 10, ">"), ("of floor", 8, ">")]
+    cols += [(f"{m} floor", 11, ">") for m in roof.models]
+    head = " ".join(f"{n:{a}{w}}" for n, w, a in cols)
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        for step, fl, ms, ex in (("fwd", r.floor_fwd, r.fwd_ms, r.exec_flops_fwd),
+                                 ("f+b", r.floor_fwdbwd, r.fwdbwd_ms, r.exec_flops_fwdbwd)):
+            if fl is None:
+                continue
+            vals = [r.row, r.dtype, r.method, step, _roofline.fmt_count(fl["bytes"], "B"),
+                    _roofline.fmt_count(fl["flops"]), _roofline.fmt_count(ex),
+                    _timing.fmt_ms(ms)] + roof.cells(fl)
+            print(" ".join(f"{v:{a}{w}}" for v, (n, w, a) in zip(vals, cols)))
+    sources = sorted({f"{r.kind} rows, {r.method}: {r.exec_flops_source}" for r in results
+                      if r.exec_flops_source})
+    print("FLOPs need: the math (core rows: 2 B n^2 (dk + dv) forward, 3.5 x for f+b, the flash "
+          "convention; module rows: torch.utils.flop_counter over the eager reference); FLOPs "
+          "exec: what runs, recomputation counted (the eager reference keeps the softmax for "
+          "its backward: 3 x forward):\n  " + "\n  ".join(sources))
 
 
 def plot(results: list[Result], path: str, title: str) -> bool:
@@ -1075,6 +1300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then run benchmarks/abn.py (In-Place ABN) with the same --device "
                         "and --full/--small/--quick; its results go into --json under 'abn'")
     _timing.add_arguments(p, timing_defaults_help())
+    _roofline.add_arguments(p)
     return p
 
 
@@ -1084,6 +1310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.rows and not any(s.lower() in r.name.lower() for r in ROWS for s in args.rows):
+        sys.exit(f"--rows {args.rows}: no row matches; rows: {', '.join(r.name for r in ROWS)}")
+    _timing.exit_if_parse_only(args, __file__)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
@@ -1138,22 +1367,64 @@ def main(argv=None) -> dict:
             if (r.full if full else r.cpu) is not None
             and not (r.kind == "module" and no_modules)]
 
+    roof = _roofline.from_args(args, device, args.quick)
+    for line in roof.describe():
+        print(line)
     matmul_tflops = None
     if cuda:
-        matmul_tflops = bf16_matmul_tflops(device)
-        print(f"measured bf16 matmul rate (8192^3, median of 5): {matmul_tflops:.1f} TFLOP/s")
+        if roof.measured is not None and "bf16" in roof.measured.compute_GFLOPs:
+            matmul_tflops = roof.measured.compute_GFLOPs["bf16"] / 1e3
+        else:
+            matmul_tflops = bf16_matmul_tflops(device)
+        print(f"measured bf16 matmul rate (8192^3): {matmul_tflops:.1f} TFLOP/s")
     print(f"reference: eager OCNet attention; speedup and mem x are reference / this "
           f"(> 1 is better)", flush=True)
 
     results: list[Result] = []
     t_start = time.perf_counter()
+
+    def result_dict(elapsed: float, failed, partial: bool) -> dict:
+        return {
+            "benchmark": "attn",
+            "partial": partial,
+            "environment": env,
+            "config": dict(device=str(device), full=full, quick=args.quick, dtypes=dtypes,
+                           timing=_timing.settings_summary(settings),
+                           rows=sorted({r.name for r, _, _ in plan}),
+                           threads=torch.get_num_threads(), threads_note=threads_note),
+            "rows": {f"{spec.name}": dict(kind=spec.kind, about=spec.about,
+                                          shape=describe(spec, cfg),
+                                          config={k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in cfg.items()})
+                     for spec, cfg, _ in plan},
+            "bf16_matmul_tflops": matmul_tflops,
+            "roofline": roof.summary(),
+            "notes": notes,
+            "results": [asdict(r) for r in results],
+            "elapsed_s": elapsed,
+            "aborted": [list(f) for f in failed],
+        }
+
+    def write_json(result: dict) -> None:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        os.replace(tmp, args.json)
+
     for i, (spec, cfg, dt) in enumerate(plan):
         results += run_row(spec, cfg, dt, device, settings, f"[{i + 1}/{len(plan)}]",
-                           matmul_tflops)
+                           matmul_tflops, roof)
+        if args.json and i + 1 < len(plan):
+            # Written after every row: a run cut off still leaves what it measured.
+            write_json(result_dict(time.perf_counter() - t_start, [], True))
     elapsed = time.perf_counter() - t_start
 
     print()
-    print_table(results, cuda)
+    print_table(results, cuda, roof)
+    print()
+    print_floor_table(results, roof)
+    for line in roof.describe():
+        print(line)
     failed = sorted({(r.row, r.dtype) for r in results
                      if r.status == "failed" and r.method == "lipfast"})
     print(f"\n{len(plan)} rows in {elapsed:.1f} s on {env['device_name']}"
@@ -1176,23 +1447,7 @@ def main(argv=None) -> dict:
         print(f"timing warnings (see each row above) in {len(warned)} row(s): "
               + ", ".join(f"{a} [{b}]" for a, b in warned))
 
-    result = {
-        "benchmark": "attn",
-        "environment": env,
-        "config": dict(device=str(device), full=full, quick=args.quick, dtypes=dtypes,
-                       timing=_timing.settings_summary(settings),
-                       rows=sorted({r.name for r, _, _ in plan}),
-                       threads=torch.get_num_threads(), threads_note=threads_note),
-        "rows": {f"{spec.name}": dict(kind=spec.kind, about=spec.about, shape=describe(spec, cfg),
-                                      config={k: (list(v) if isinstance(v, tuple) else v)
-                                              for k, v in cfg.items()})
-                 for spec, cfg, _ in plan},
-        "bf16_matmul_tflops": matmul_tflops,
-        "notes": notes,
-        "results": [asdict(r) for r in results],
-        "elapsed_s": elapsed,
-        "aborted": [list(f) for f in failed],
-    }
+    result = result_dict(elapsed, failed, False)
     if args.plot:
         plot(results, args.plot, f"lipfast OC attention, {env['device_name']} ({device}), "
                                  f"torch {torch.__version__}")
@@ -1200,10 +1455,12 @@ def main(argv=None) -> dict:
         print("\n--also-abn: benchmarks/abn.py (In-Place ABN)\n", flush=True)
         abn_argv = ["--device", str(device)] + (
             ["--full"] if full else (["--quick"] if args.quick else ["--small"]))
+        abn_argv += [f"--model={m}" for m in (args.model or [])]
+        abn_argv += ["--no-floor"] if args.no_floor else []
+        abn_argv += ["--ceilings", args.ceilings] if args.ceilings else []
         result["abn"] = _load("abn").main(abn_argv)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(result)
         print(f"wrote {args.json}")
     return result
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Measures the GPU's own ceilings once, so every benchmark can be reported as a
 fraction of them: device-to-device copy bandwidth (1 GiB tensor, GB/s counting
-read + write) and dense bf16 / fp16 / tf32 matmul throughput (8192^3, TFLOP/s).
+read + write) and dense bf16 / fp16 / tf32 matmul throughput, and float32 with
+TF32 off (the CUDA cores' rate), 8192^3, TFLOP/s. benchmarks/_roofline.py reads
+these (or measures them through measure()) for every benchmark's floor column.
 
 Timing: benchmarks/_timing.py (shared by every benchmark) with CUDA events around
 each call: warm-up calls until two agree within 10%, then at least --min-rounds
 calls and --min-time seconds; the rate is computed from the median time and
 reported with the rates at the 20th and 80th percentiles of the times, and the
-number of calls. Usage: python benchmarks/gpu_ceilings.py [--json PATH]
-(needs a CUDA GPU; about 10 s).
+number of calls. Usage: python benchmarks/gpu_ceilings.py [--quick] [--json PATH]
+(needs a CUDA GPU; about 10 s, --quick about 3 s: at least 5 calls and 0.1 s each).
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ def measure(settings: _timing.Settings = TIMING) -> dict:
     res["copy_GBps"] = r["median"]
     res["copy"] = r
     del src, dst
-    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)):
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32),
+                        ("fp32", torch.float32)):
         m = 8192
         a = torch.randn(m, m, device="cuda", dtype=dtype)
         b = torch.randn(m, m, device="cuda", dtype=dtype)
         prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = name != "fp32"
         try:
             r = _rate(lambda: a @ b, 2 * m**3, settings, 1e12)
         finally:
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="PATH", help="write the figures here")
+    ap.add_argument("--quick", action="store_true",
+                    help="short timing (benchmarks/_roofline.py's CUDA settings): seconds")
     _timing.add_arguments(ap, f"Defaults: --warmup {TIMING.warmup} --max-warmup "
                               f"{TIMING.max_warmup} --min-rounds {TIMING.min_rounds} "
                               f"--min-time {TIMING.min_seconds:g} --max-rounds "
@@ -84,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    settings = _timing.settings_from_args(args, TIMING)
+    _timing.exit_if_parse_only(args, __file__)
+    import _roofline
+
+    settings = _timing.settings_from_args(args, _roofline.CUDA_QUICK_TIMING if args.quick
+                                          else TIMING)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_ceilings.py needs a CUDA GPU")
     env = _common.environment(torch.device("cuda"), __file__, argv)

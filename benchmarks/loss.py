@@ -41,6 +41,28 @@ correctness check (values within 1e-4 relative, float32) runs first.
 processes keep half the cores or more busy at the start, the run uses one
 thread unless --threads says otherwise.
 
+Floor (benchmarks/_roofline.py, shared by every benchmark): per row, the bytes
+that must move and the FLOPs counted, the floor max(bytes / bandwidth, FLOPs /
+rate) with the ceilings measured in the same run (CPU: a large memory copy and a
+float32 matmul; CUDA: benchmarks/gpu_ceilings.py) and the fraction achieved
+(floor / median; the lipfast and reference columns). Logits are float32 (4
+bytes), labels int64 (8 bytes); B x C x h x w logits, H x W labels:
+
+  generate_edge  labels read, edges (int64) written: 16*B*H*W bytes; 0 FLOPs
+  upsample_ce    logits read, labels read, the logits' gradient written:
+                 2*4*B*C*h*w + 8*B*H*W bytes; FLOPs 16*B*C*H*W (8 per upsampled
+                 logit for the bilinear interpolation, forward and backward;
+                 exp/log not counted)
+  lovasz         the upsampled logits read and their gradient written, labels
+                 read: 2*4*B*C*H*W + 8*B*H*W bytes; 0 FLOPs counted (the sort's
+                 comparisons are not FLOPs)
+  edge_loss      as upsample_ce with the 2 edge channels: 2*4*B*2*h*w + 8*B*H*W
+                 bytes, 16*B*2*H*W FLOPs
+  schp           parsing, fusion and edge logits read and their gradients
+                 written, labels read: 2*4*B*(2C+2)*h*w + 8*B*H*W bytes,
+                 16*B*(2C+2)*H*W FLOPs
+``--model h200`` adds the floor by the H200's data sheet.
+
 Lovász memory (CPU; every device unless --no-rss): peak resident memory of one
 ``lovasz_softmax`` forward + backward on B x C x H x W logits already at label
 size, above the process's memory with the inputs allocated (peak RSS, VmHWM
@@ -66,6 +88,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _roofline  # noqa: E402
 import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 
@@ -158,6 +181,23 @@ def schp_eager(preds, labels, edges):
 
 
 # ----------------------------------------------------------------- harness
+def loss_work(name: str, b: int, c: int, h: int, H: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of a loss row (see the Floor section of the docstring)."""
+    labels = 8 * b * H * H
+    if name == "generate_edge":
+        return float(2 * labels), 0.0
+    if name == "upsample_ce":
+        return float(2 * 4 * b * c * h * h + labels), float(16 * b * c * H * H)
+    if name == "lovasz":
+        return float(2 * 4 * b * c * H * H + labels), 0.0
+    if name == "edge_loss":
+        return float(2 * 4 * b * 2 * h * h + labels), float(16 * b * 2 * H * H)
+    if name == "schp":
+        ch = 2 * c + 2
+        return float(2 * 4 * b * ch * h * h + labels), float(16 * b * ch * H * H)
+    raise ValueError(name)
+
+
 def saved_bytes(fn):
     seen = {}
 
@@ -259,7 +299,8 @@ def _rss_child(spec: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(b, c, hw, hw).requires_grad_()
     labels = labels_like(b, hw, hw, c, "cpu").to(torch.uint8)
-    from lipfast.losses.lovasz import _lovasz_forward, lovasz_softmax
+    from lipfast.losses.lovasz import lovasz_softmax
+    from lipfast.ops.lovasz import _lovasz_forward
 
     small_x = torch.randn(1, c, 8, 8, requires_grad=True)  # load code paths first
     small_y = torch.randint(0, c, (1, 8, 8), dtype=torch.uint8)
@@ -338,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "multi-threaded kernels then stall)")
     ap.add_argument("--_rss-child", default=None, help=argparse.SUPPRESS)
     _timing.add_arguments(ap, timing_defaults_help())
+    _roofline.add_arguments(ap)
     return ap
 
 
@@ -346,6 +388,7 @@ def main(argv=None):
     if args._rss_child:
         _rss_child(args._rss_child)
         return 0
+    _timing.exit_if_parse_only(args, __file__)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.full:
         b, c, h, H = 8, 20, 119, 473
@@ -368,6 +411,9 @@ def main(argv=None):
         print("WARNING: " + machine["warning"])
     if threads_note:
         print("note: " + threads_note)
+    roof = _roofline.from_args(args, device, args.quick)
+    for line in roof.describe():
+        print(line)
     g = torch.Generator().manual_seed(0)
     labels = labels_like(b, H, H, c, device)
     edges = generate_edge(labels)
@@ -392,12 +438,17 @@ def main(argv=None):
         good = err < 1e-4
         ok &= good
         res, m = measure(impls, leaves, settings, device)
+        nbytes, flops = loss_work(name, b, c, h, H)
+        floor = roof.row(nbytes, flops, "fp32", res["lipfast"]["ms"])
+        if floor.get("floor_ms") is not None:
+            for k in res:
+                res[k]["floor_fraction"] = floor["floor_ms"] / res[k]["ms"]
         print(f"  {name:<14} lipfast {m['lipfast'].fmt()} ms, reference {m['reference'].fmt()} "
               f"ms; {m.rounds} rounds after {m.warmup_rounds} warm-up; rel err {err:.1e}"
               + ("" if good else "  MISMATCH"), flush=True)
         _timing.print_warnings(m)
         rows.append({"row": name, "rel_err": err, "ok": good, **{k: v for k, v in res.items()},
-                     "timing": m.summary(times=False)})
+                     "floor": floor, "timing": m.summary(times=False)})
 
     with torch.no_grad():
         upar = up(par, size).detach().requires_grad_()
@@ -419,8 +470,11 @@ def main(argv=None):
     mem = "saved MB" + (" / peak MB" if device.type == "cuda" else "")
     print(f"\ndevice {device} ({env['device_name']}), B={b} C={c} logits {h}x{h} labels "
           f"{H}x{H}; times: median [20th-80th percentile] of the timed rounds; memory: {mem}")
+    mcols = [(f"{mo} floor", 10) for mo in roof.models]
     print(f"{'row':<14} {'lipfast ms [p20-p80]':>22} {'ref ms [p20-p80]':>22} {'speedup':>8} "
-          f"{'rounds':>6} {'lipfast mem':>12} {'ref mem':>12} {'rel err':>9}")
+          f"{'rounds':>6} {'lipfast mem':>12} {'ref mem':>12} {'rel err':>9} "
+          f"{'bytes':>9} {'FLOPs':>9} {'floor ms':>9} {'lf of fl':>8} {'ref of fl':>9}"
+          + "".join(f" {n:>{w}}" for n, w in mcols))
     for r in rows:
         L, R = r["lipfast"], r["reference"]
 
@@ -429,9 +483,17 @@ def main(argv=None):
 
         def t(x):
             return _timing.fmt_spread(x["ms"], x["p20_ms"], x["p80_ms"])
+        fl = r["floor"]
+        cells = roof.cells(fl)
         print(f"{r['row']:<14} {t(L):>22} {t(R):>22} {R['ms'] / L['ms']:>7.2f}x "
-              f"{L['rounds']:>6} {m(L):>12} {m(R):>12} {r['rel_err']:>9.1e}"
-              f"{'' if r['ok'] else '  MISMATCH'}")
+              f"{L['rounds']:>6} {m(L):>12} {m(R):>12} {r['rel_err']:>9.1e} "
+              f"{_roofline.fmt_count(fl['bytes'], 'B'):>9} {_roofline.fmt_count(fl['flops']):>9} "
+              f"{cells[0]:>9} {cells[1]:>8} "
+              f"{_roofline.fmt_fraction(R.get('floor_fraction')):>9}"
+              + "".join(f" {v:>{w}}" for v, (n, w) in zip(cells[2:], mcols))
+              + f"{'' if r['ok'] else '  MISMATCH'}")
+    for line in roof.describe():
+        print(line)
     warned = [r["row"] for r in rows if r["timing"]["warnings"]]
     if warned:
         print(f"timing warnings (see above) in rows {', '.join(warned)}")
@@ -449,6 +511,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(
             {"env": env, "shape": dict(b=b, c=c, h=h, H=H),
              "timing": _timing.settings_summary(settings),
+             "roofline": roof.summary(),
              "lovasz_cpu_peak_rss": lov_mem,
              "memory": "saved-tensor bytes (saved_tensors_hooks)" + (
                  "; peak_MB = cuda max_memory_allocated above inputs"

@@ -40,6 +40,14 @@ spread or a busy machine is warned about). --quick also times 1 warm-up and 3
 rounds (a smoke run; figures not for quoting). The matrices of all implementations are compared
 first (identical at full resolution; with resize, lipfast's fused
 interpolation may move a near-tie pixel through FMA contraction: reported).
+Floor (benchmarks/_roofline.py, shared by every benchmark): per case, the bytes
+that must move, logits read once (float32, 4*B*C*h*w) and labels read once
+(uint8, B*H*W; the C x C matrix is negligible), and the FLOPs counted (0 at full
+resolution: argmax comparisons are not counted; with resize 8*B*C*H*W for the
+bilinear interpolation); the floor max(bytes / bandwidth, FLOPs / rate) with the
+ceilings measured in the same run (CPU: a large memory copy and a float32 matmul;
+CUDA: benchmarks/gpu_ceilings.py) and the fraction achieved (floor / median).
+``--model h200`` adds the floor by the H200's data sheet.
 ``--json PATH`` writes the rows and the environment (benchmarks/_common.py).
 On a CPU where other processes keep half the cores or more busy at the start,
 the run uses one thread unless --threads says otherwise.
@@ -58,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _roofline  # noqa: E402
 import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 
@@ -138,7 +147,13 @@ def count_syncs(fn, device) -> int:
     return sum(1 for w in rec if "synchroniz" in str(w.message).lower())
 
 
-def run_case(name, b, c, h, hh, device, settings):
+def case_work(b: int, c: int, h: int, hh: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of one batch (see the Floor section of the docstring)."""
+    nbytes = 4 * b * c * h * h + b * hh * hh
+    return float(nbytes), float(8 * b * c * hh * hh if h != hh else 0)
+
+
+def run_case(name, b, c, h, hh, device, settings, roof=None):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(b, c, h, h, generator=g).to(device)
     labels = torch.randint(0, c, (b, hh, hh), generator=g)
@@ -174,13 +189,15 @@ def run_case(name, b, c, h, hh, device, settings):
     _timing.print_warnings(m, "  ")
     rows = []
     base = m["numpy"].median
+    nbytes, flops = case_work(b, c, h, hh)
     for k in impls:
         t = m[k]
+        floor = roof.row(nbytes, flops, "fp32", t.median) if roof is not None else None
         rows.append(dict(case=name, impl=k, ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
                          min_ms=t.min, rounds=t.rounds, times_ms=list(t.times_ms),
                          warmup_ms=list(t.warmup_ms), speedup_vs_numpy=base / t.median,
                          syncs_per_batch=syncs[k], matrix_diff_vs_numpy=diff[k],
-                         logits_bytes=logits.numel() * logits.element_size()))
+                         logits_bytes=logits.numel() * logits.element_size(), floor=floor))
     return rows, m.summary(times=False)
 
 
@@ -216,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="write the rows and the environment")
     _timing.add_arguments(ap, timing_defaults_help())
+    _roofline.add_arguments(ap)
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _timing.exit_if_parse_only(args, __file__)
     device = torch.device(args.device)
     if args.quick:
         b, c, hh, cases = 2, 20, 119, [("119x119 logits", 119), ("30x30 logits, resize", 30)]
@@ -241,19 +260,28 @@ def main(argv=None):
         print("WARNING: " + machine["warning"])
     if threads_note:
         print("note: " + threads_note)
+    roof = _roofline.from_args(args, device, args.quick)
+    for line in roof.describe():
+        print(line)
     rows, timing = [], {}
     for name, h in cases:
-        case_rows, timing[name] = run_case(name, b, c, h, hh, device, settings)
+        case_rows, timing[name] = run_case(name, b, c, h, hh, device, settings, roof)
         rows += case_rows
     sync_note = "counted" if device.type == "cuda" else "as written"
+    models = "".join(f" {mo} floor |" for mo in roof.models)
     print(f"\n| case | impl | ms / batch, median [p20-p80] | x numpy | rounds | "
-          f"host syncs / batch ({sync_note}) | matrix diff vs numpy |")
-    print("|---|---|---|---|---|---|---|")
+          f"host syncs / batch ({sync_note}) | matrix diff vs numpy | bytes | FLOPs | "
+          f"floor ms | of floor |{models}")
+    print("|---" * (11 + len(roof.models)) + "|")
     for r in rows:
+        fl = r["floor"]
         print(f"| {r['case']} | {r['impl']} | "
               f"{_timing.fmt_spread(r['ms'], r['p20_ms'], r['p80_ms'])} | "
               f"{r['speedup_vs_numpy']:.2f} | {r['rounds']} | {r['syncs_per_batch']} | "
-              f"{r['matrix_diff_vs_numpy']} |")
+              f"{r['matrix_diff_vs_numpy']} | {_roofline.fmt_count(fl['bytes'], 'B')} | "
+              f"{_roofline.fmt_count(fl['flops'])} | " + " | ".join(roof.cells(fl)) + " |")
+    for line in roof.describe():
+        print(line)
     warned = [k for k, t in timing.items() if t["warnings"]]
     if warned:
         print(f"timing warnings (see above) in: {', '.join(warned)}")
@@ -261,6 +289,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(
             {"env": env, "shape": dict(b=b, c=c, labels=hh),
              "timing_settings": _timing.settings_summary(settings), "timing": timing,
+             "roofline": roof.summary(),
              "rows": rows}, indent=2))
         print(f"wrote {args.json}")
 

@@ -44,6 +44,20 @@ measured step):
         refused) minus the RSS before the steps. It includes allocator overhead
         and kernel scratch, as `top` would.
 
+Floor (benchmarks/_roofline.py, shared by every benchmark): per configuration,
+the FLOPs of one reference step as counted by torch.utils.flop_counter
+(convolutions, matmuls and the eager attention's bmm, forward and backward;
+element-wise work, the norms and SGD count 0) and the bytes that must move at
+least: the parameters P (float32 bytes) read in the forward, their gradients
+written, SGD reading parameters, gradients and momentum and writing parameters
+and momentum (7 P in all), the images read (4*B*3*S^2) and the labels read
+(8*B*S^2); activations are not counted, so this is a lower bound. The floor is
+max(bytes / bandwidth, FLOPs / rate) with the ceilings measured in the same run
+(CPU: a large memory copy and a float32 matmul; CUDA: benchmarks/gpu_ceilings.py;
+bf16 rate under autocast, else tf32 where cuDNN may use it, else fp32), and the
+fraction achieved is floor / median step time. ``--model h200`` adds the floor by
+the H200's data sheet.
+
 ``--max-batch`` (CUDA) also searches the largest batch that fits (doubling,
 then bisection, one step each). Shapes: CUDA default 473x473, B=8; CPU default
 129x129, B=2 with the full ResNet-101 (a few minutes on 2 cores); ``--quick``: a
@@ -69,6 +83,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _roofline  # noqa: E402
 import _timing  # noqa: E402
 from _common import environment  # noqa: E402
 from loss import labels_like, schp_eager, schp_generate_edge_tensor  # noqa: E402
@@ -239,7 +254,7 @@ def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed
     return res
 
 
-def time_interleaved(config, quick, batch, size, settings, device, amp, seed=0):
+def time_interleaved(config, quick, batch, size, settings, device, amp, seed=0, count=False):
     """Both stacks in this process, timed by benchmarks/_timing.py: steps alternating
     (order flipped every round) so that load from other processes hits both alike;
     the k-th step of either stack uses step seed 1001 + k (the same dropout masks).
@@ -248,6 +263,13 @@ def time_interleaved(config, quick, batch, size, settings, device, amp, seed=0):
     stacks = {s: Stack(config, s, quick, batch, size, device, amp, seed)
               for s in ("reference", "lipfast")}
     out = {s: {"loss0": float(st.step(1000))} for s, st in stacks.items()}
+    if count:
+        # One more reference step under torch.utils.flop_counter (an untimed warm-up).
+        ref = stacks["reference"]
+        flops = _roofline.count_flops(lambda: ref.step(999))
+        pbytes = sum(p.numel() * p.element_size() for p in ref.model.parameters())
+        for s in stacks:
+            out[s].update(flops_step=flops, param_bytes=pbytes)
     seeds = {s: itertools.count(1001) for s in stacks}
     m = _timing.measure({s: st.step for s, st in stacks.items()}, device, settings,
                         setup={s: (lambda s=s: (next(seeds[s]),)) for s in stacks})
@@ -358,12 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-stack", default=None, help=argparse.SUPPRESS)
     _timing.add_arguments(ap, timing_defaults_help())
+    _roofline.add_arguments(ap)
     return ap
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.worker_config:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        bad = [c for c in configs if c not in CONFIGS]
+        if bad or not configs:
+            ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
+        _timing.exit_if_parse_only(args, __file__)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
@@ -397,12 +426,20 @@ def main(argv=None) -> int:
     if bad or not configs:
         ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     tol = args.tol if args.tol is not None else (3e-2 if args.amp else 2e-3)
+    roof = _roofline.from_args(args, device, args.quick)
+    for line in roof.describe():
+        print(line)
+    rate = "bf16" if args.amp else _roofline.compute_dtype(device, "fp32", "conv")
 
     rows, ok = [], True
     for config in configs:
         # Time: both stacks in this process, steps interleaved.
         pair, m = time_interleaved(config, args.quick, args.batch, args.size, settings,
-                                   device, args.amp)
+                                   device, args.amp, count=True)
+        nbytes = (7 * pair["reference"]["param_bytes"] + 4 * args.batch * 3 * args.size ** 2
+                  + 8 * args.batch * args.size ** 2)
+        for s in pair:
+            pair[s]["floor"] = roof.row(nbytes, pair[s]["flops_step"], rate, pair[s]["ms"])
         print(f"{config}: step ms, median [p20-p80]: reference {m['reference'].fmt()}, lipfast "
               f"{m['lipfast'].fmt()}; {m.rounds} rounds after {m.warmup_rounds} warm-up",
               flush=True)
@@ -444,9 +481,11 @@ def main(argv=None) -> int:
           f"{'bf16 autocast' if args.amp else 'float32'}, {torch.get_num_threads()} threads; "
           f"time: step ms, median [20th-80th percentile] and best of the timed rounds, "
           f"stacks interleaved in one process; peak memory: {mem}")
+    fcols = roof.headers()
     head = (f"{'config':<9} {'stack':<10} {'step-0 loss':>12} {'step ms [p20-p80]':>20} "
             f"{'best ms':>9} {'rounds':>6} {'peak MB':>9}"
-            + (f" {'max B':>6}" if args.max_batch else ""))
+            + (f" {'max B':>6}" if args.max_batch else "")
+            + f" {'bytes':>9} {'FLOPs':>10}" + "".join(f" {n:>{w}}" for n, w in fcols))
     print(head)
     for r in rows:
         for stack in ("reference", "lipfast"):
@@ -454,7 +493,10 @@ def main(argv=None) -> int:
             print(f"{r['config']:<9} {stack:<10} {s['loss0']:>12.6f} "
                   f"{_timing.fmt_spread(s['ms'], s['p20_ms'], s['p80_ms']):>20} "
                   f"{_timing.fmt_ms(s['best_ms']):>9} {s['rounds']:>6} {s['peak_MB']:>9.1f}"
-                  + (f" {s['max_batch']:>6}" if args.max_batch else ""))
+                  + (f" {s['max_batch']:>6}" if args.max_batch else "")
+                  + f" {_roofline.fmt_count(s['floor']['bytes'], 'B'):>9}"
+                  f" {_roofline.fmt_count(s['floor']['flops']):>10}"
+                  + "".join(f" {v:>{w}}" for v, (n, w) in zip(roof.cells(s["floor"]), fcols)))
         mr = r["memory_ratio"]
         print(f"{r['config']:<9} {'ratio':<10} {'diff ' + format(r['loss0_rel_diff'], '.1e'):>12} "
               f"{r['speedup']:>19.2f}x {r['best_speedup']:>8.2f}x {'':>6} "
@@ -463,12 +505,15 @@ def main(argv=None) -> int:
     warned = [r["config"] for r in rows if r["timing"]["warnings"]]
     if warned:
         print(f"timing warnings (see above) in: {', '.join(warned)}")
+    for line in roof.describe():
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"env": env, "args": {k: v for k, v in vars(args).items()
                                   if not k.startswith("worker")},
              "timing": _timing.settings_summary(settings),
-             "tolerance": tol, "memory": mem, "rows": rows}, indent=1))
+             "tolerance": tol, "memory": mem, "roofline": roof.summary(),
+             "rows": rows}, indent=1))
         print(f"wrote {args.json}")
     if not ok:
         print("FAIL: the step-0 losses of the two stacks differ by more than the tolerance",

@@ -301,6 +301,99 @@ def test_settings_validation_and_arguments():
     assert _timing.settings_from_args(p.parse_args([]), base) == base
 
 
+# --------------------------------------------------------------------------- the floor
+
+
+def test_floor_is_the_larger_of_memory_and_compute():
+    import _roofline
+
+    c = _roofline.Ceilings("test", bandwidth_GBps=100.0, compute_GFLOPs={"fp32": 1000.0})
+    f = _roofline.floor(1e9, 1e9, c)  # 10 ms moving bytes, 1 ms computing
+    assert f["memory_ms"] == pytest.approx(10.0) and f["compute_ms"] == pytest.approx(1.0)
+    assert f["floor_ms"] == pytest.approx(10.0) and f["bound"] == "memory"
+    f = _roofline.floor(1e6, 1e11, c)
+    assert f["floor_ms"] == pytest.approx(100.0) and f["bound"] == "compute"
+    roof = _roofline.Roofline(c, ["h200"])
+    r = roof.row(1e9, 1e9, "bf16", measured_ms=40.0)  # a CPU's one rate serves bf16 too
+    assert r["fraction"] == pytest.approx(0.25)
+    h = r["models"]["h200"]  # 1 GB at 4.8 TB/s vs 1 GFLOP at 989 TFLOP/s
+    assert h["floor_ms"] == pytest.approx(1e9 / 4.8e12 * 1e3) and h["bound"] == "memory"
+    assert roof.row(1e9, 0, "fp32", None)["fraction"] is None
+    cells = roof.cells(r)
+    assert cells[0] == "10.0 m" and cells[1] == "0.250" and cells[2].endswith(" m")
+    assert len(roof.headers()) == len(cells) == 3
+
+
+def test_datasheet_and_gpu_ceilings_conversion():
+    import _roofline
+
+    h = _roofline.datasheet("h200")
+    assert h.bandwidth_GBps == 4800 and h.rate("bf16") == 989e3 and h.rate("fp32") == 67e3
+    c = _roofline.from_gpu_ceilings(dict(copy_GBps=4300.0, matmul_bf16_TFLOPs=780.0,
+                                         matmul_fp32_TFLOPs=50.0), "x")
+    assert c.bandwidth_GBps == 4300 and c.rate("bf16") == 780e3 and c.rate("fp32") == 50e3
+    assert c.rate("tf32") == 50e3  # no tf32 figure: fp32's
+    assert _roofline.compute_dtype("cpu", "fp32") == "fp32"
+    assert _roofline.compute_dtype("cpu", "bf16") == "bf16"
+    assert _roofline.fmt_count(1.5e9, "B") == "1.5 GB" and _roofline.fmt_count(None) == "n/a"
+
+
+def test_cpu_ceilings_measured_with_the_harness():
+    import _roofline
+
+    c = _roofline.measure_cpu(quick=True)
+    assert c.bandwidth_GBps > 0.1 and c.rate("fp32") > 0.1
+    assert c.details["copy_bytes"] == _roofline.CPU_COPY_BYTES_QUICK
+    assert c.details["matmul_n"] == _roofline.CPU_MATMUL_N_QUICK
+
+
+def test_ceilings_file_is_read(tmp_path):
+    import _roofline
+
+    p = tmp_path / "ceilings.json"
+    p.write_text(json.dumps(dict(copy_GBps=4000.0, matmul_bf16_TFLOPs=700.0)))
+    c = _roofline.measure_cuda("cuda", path=str(p))
+    assert c.bandwidth_GBps == 4000 and c.rate("bf16") == 700e3 and str(p) in c.source
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_parse_only(name, monkeypatch, capsys):
+    """--parse-only (or LIPFAST_BENCH_PARSE_ONLY=1) exits 0 after parsing, before any
+    device work; a bad flag still fails."""
+    mod = _load(name)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--parse-only", "--min-rounds", "2", "--json", "/nonexistent/x.json"])
+    assert e.value.code == 0 and "parse-only:" in capsys.readouterr().out
+    monkeypatch.setenv(_timing.PARSE_ONLY_ENV, "1")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--device", "cuda:0"] if name not in ("gpu_ceilings",) else [])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_formulas():
+    attn, abn, loss, miou = (_load(n) for n in ("attn", "abn", "loss", "miou"))
+    cfg = attn._core(2, 30, 30, 64, 32)
+    n = 900
+    assert attn.core_flops(cfg) == 2 * 2 * n * n * (64 + 32)
+    fwd, fb = attn.core_bytes(cfg, "bf16")
+    assert fwd == 2 * 2 * n * (64 + 2 * 32) and fb == fwd + 2 * 2 * n * (2 * 64 + 3 * 32)
+    pyr = attn._core(1, 60, 60, 8, 8, (1, 2))
+    assert attn.core_flops(pyr) == 2 * 16 * (3600 ** 2 + 4 * 900 ** 2)
+    k = attn.kernel_flops(cfg, __import__("torch").device("cpu"))
+    assert k["needed_fwdbwd"] == pytest.approx(3.5 * k["needed_fwd"])
+    assert k["executed_fwdbwd"] == k["needed_fwdbwd"]  # CPU: executed = needed
+    nbytes, flops = abn.stack_work(4, 16, 10, 3, "float32")
+    act, wt = 4 * 4 * 16 * 100, 4 * 9 * 256
+    assert nbytes == 3 * (10 * act + 3 * wt) and flops == 3 * 3 * 18 * 4 * 100 * 256
+    assert loss.loss_work("upsample_ce", 2, 20, 30, 119) == (2 * 4 * 2 * 20 * 900
+                                                            + 8 * 2 * 119 ** 2,
+                                                            16 * 2 * 20 * 119 ** 2)
+    assert miou.case_work(2, 20, 119, 119) == (4 * 2 * 20 * 119 ** 2 + 2 * 119 ** 2, 0.0)
+
+
 # --------------------------------------------------------------------------- the scripts
 
 
@@ -358,8 +451,21 @@ def _check_spread(d, med="ms", lo="p20_ms", hi="p80_ms", rounds=None):
 
 @pytest.mark.slow
 def test_smoke_attn(tmp_path):
-    data = _smoke(tmp_path, "attn", "--quick", "--rows", "lip-os16", "--threads", "1")
-    assert not data["aborted"]
+    data = _smoke(tmp_path, "attn", "--quick", "--rows", "lip-os16", "--threads", "1",
+                  "--model", "h200")
+    assert not data["aborted"] and not data["partial"]
+    assert data["roofline"]["measured"]["bandwidth_GBps"] > 0
+    for r in (r for r in data["results"] if r["status"] == "ok"):
+        fb = r["floor_fwdbwd"]
+        assert fb["floor_ms"] > 0 and 0 < fb["fraction"] == pytest.approx(
+            fb["floor_ms"] / r["fwdbwd_ms"])
+        assert fb["flops"] == pytest.approx(3.5 * r["floor_fwd"]["flops"])
+        assert fb["models"]["h200"]["floor_ms"] > 0
+        if r["method"] == "lipfast":  # CPU: executed = needed, stated as such
+            assert r["exec_flops_fwdbwd"] == fb["flops"] and "executed = needed" in \
+                r["exec_flops_source"]
+        elif r["method"] == "reference":  # counted by torch.utils.flop_counter
+            assert r["exec_flops_fwdbwd"] == pytest.approx(3 * r["exec_flops_fwd"])
     res = [r for r in data["results"] if r["status"] == "ok"]
     assert {r["method"] for r in res} == {"lipfast", "reference", "sdpa"}
     for r in res:
@@ -377,6 +483,7 @@ def test_smoke_abn(tmp_path):
     assert {r["variant"] for r in timed} == {"bn+leaky", "lipfast InPlaceABN"}
     for r in timed:
         _check_spread(r, "time_ms", rounds=3)
+        assert r["floor"]["floor_ms"] > 0 and r["floor"]["fraction"] > 0
     (shape,) = data["timing"].values()
     assert shape["rounds"] == 3 and shape["warmup_rounds"] == 1
 
@@ -390,6 +497,8 @@ def test_smoke_loss(tmp_path):
         assert r["ok"]
         for impl in ("lipfast", "reference"):
             _check_spread(r[impl], rounds=3)
+            assert r[impl]["floor_fraction"] > 0
+        assert r["floor"]["bytes"] > 0
     assert data["lovasz_cpu_peak_rss"]["shape"]["H"] == 60
 
 
@@ -400,6 +509,9 @@ def test_smoke_miou(tmp_path):
     for r in data["rows"]:
         _check_spread(r, rounds=3)
         assert r["matrix_diff_vs_numpy"] <= 4
+        assert r["floor"]["floor_ms"] > 0 and r["floor"]["fraction"] > 0
+        if "resize" not in r["case"]:  # argmax and counting: 0 FLOPs counted
+            assert r["floor"]["flops"] == 0 and r["floor"]["bound"] == "memory"
 
 
 @pytest.mark.slow
@@ -412,6 +524,7 @@ def test_smoke_train_step(tmp_path):
         _check_spread(row[stack], rounds=2)
         assert row[stack]["best_ms"] == min(row[stack]["times_ms"])
         assert row[stack]["warmup_ms"] == []
+        assert row[stack]["floor"]["flops"] > 0 and row[stack]["floor"]["fraction"] > 0
 
 
 def test_gpu_ceilings_without_cuda():
