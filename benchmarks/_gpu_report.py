@@ -169,6 +169,15 @@ def main(argv=None) -> int:
                     [[f"matmul {k}", _f(ceil.get(f"matmul_{k}_TFLOPs"), ".1f") + " TFLOP/s",
                       ref] for k, ref in (("bf16", "989"), ("fp16", "989"), ("tf32", "494"),
                                           ("fp32", "67"))])
+    if not ceil:
+        measured = next((d["roofline"]["measured"] for d in benches.values()
+                         if (d.get("roofline") or {}).get("measured")), None)
+        if measured:
+            rates = ", ".join(f"{k} {v / 1e3:.3g} TFLOP/s"
+                              for k, v in measured["compute_GFLOPs"].items())
+            md += ["", "## Ceilings", "",
+                   f"No ceilings.json: the benchmarks measured their own: copy "
+                   f"{measured['bandwidth_GBps']:.4g} GB/s, {rates} ({measured['source']})."]
     if tests:
         md += ["", "## Tests (JUnit XML)", ""]
         md += table(["step", "passed", "failed", "errors", "skipped", "seconds"],

@@ -58,7 +58,7 @@ for a in "$@"; do
   case $a in
     --dry-run) MODE=dry ;;
     --plan) MODE=plan ;;
-    -h|--help) sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pos+=("$a") ;;
   esac
 done
@@ -236,8 +236,8 @@ env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="
        "stages": os.environ["STAGES"].split(), "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")}
 try:
     import torch
-    env.update(torch=torch.__version__, cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(),
-               capability=list(torch.cuda.get_device_capability()),
+    env.update(torch=torch.__version__, cuda=torch.version.cuda)
+    env.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                gpu_memory_GiB=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
 except Exception as err:
     env["torch_error"] = repr(err)

@@ -133,3 +133,27 @@ def test_report_from_a_partial_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [s["state"] for s in summary["steps"]] == ["ok", "timeout"]
     assert summary["benchmarks"] == {"attn_bf16": "partial"}
+
+
+def test_a_real_run_records_every_step(tmp_path):
+    """Run mode on this machine: the ceilings step fails without a GPU, and the run
+    still leaves env.json, status.txt, summary.json, README.md and the bundle."""
+    import tarfile
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the step would run for real")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    r = run(str(out), "ceilings", env={"RUN_GPU_LOGS": str(logs)}, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "ceilings rc=1" in (out / "status.txt").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(s["name"], s["state"]) for s in summary["steps"]] == [("ceilings", "failed")]
+    assert summary["env"]["budget_s"] == 480 and summary["env"]["stages"] == ["ceilings"]
+    md = (out / "README.md").read_text()
+    assert "| ceilings | ceilings | failed | 1 |" in md
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./ceilings.log" in names and "./steps.tsv" in names
+    assert "needs a CUDA GPU" in (logs / "ceilings.log").read_text()
