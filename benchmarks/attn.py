@@ -932,6 +932,11 @@ def row_work(spec: RowSpec, cfg: dict, dtype: str, impls: dict, gout, device) ->
                          flops_source=src, flops_note="", exec_fwd=None, exec_fwdbwd=None,
                          exec_source="n/a: lipfast's custom ops are not counted by "
                                      "torch.utils.flop_counter")
+    if src.startswith("torch.utils.flop_counter"):
+        out[REFERENCE].update(exec_fwd=ff, exec_fwdbwd=ffb, exec_source=(
+            "torch.utils.flop_counter, one step (the count the row's FLOPs come from)"))
+    if "sdpa" in out:
+        out["sdpa"]["exec_source"] = "n/a: not counted for module rows"
     return out
 
 

@@ -262,7 +262,7 @@ fi
 L=$LOGS
 CEIL=(--ceilings "$L/ceilings.json" --model h200)
 if want build; then
-  step build build 200 sh env MAX_JOBS="$JOBS" "$PY" -m pip install --no-build-isolation --no-deps -e .
+  step build build 200 sh env MAX_JOBS="$JOBS" "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
   step build_info build 30 sh "$PY" -c "import lipfast, json; print(json.dumps(lipfast.build_info()))"
 fi
 if want tests_first; then  # the kernels that matter most: OC attention, upsample + CE
