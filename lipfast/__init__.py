@@ -5,6 +5,11 @@ in time when the installed one is missing or was built for another torch) and
 registers the ops under ``torch.ops.lipfast``. Subpackages: ``nn`` (ABN, OC modules),
 ``ops``, ``losses``, ``metrics``, ``models`` (CE2P), ``data`` (LIP), ``patch``;
 ``python -m lipfast.train`` / ``python -m lipfast.evaluate`` are the tools.
+
+Layers, bottom up: ``kernels`` (Triton, imports nothing from lipfast above it) ->
+``ops`` (every op's Python registration, ``lipfast/ops/<op>.py``) -> ``nn``,
+``losses``, ``metrics`` (the user-facing functions and modules) -> ``models`` ->
+the tools (``tests/test_layout.py`` checks the first two rules).
 """
 
 from ._ext import build_info

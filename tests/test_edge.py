@@ -101,7 +101,7 @@ def test_generate_edge_opcheck(dtype):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
 def test_vectorised_fallback_path(dtype):
     # the PyTorch path CUDA uses without Triton
-    from lipfast.losses.edge import _edge_torch
+    from lipfast.ops.edge import _edge_torch
 
     lab = blobby_labels(2, 13, 17, seed=17, dtype=dtype)
     torch.testing.assert_close(_edge_torch(lab), edge_reference_steps(lab), rtol=0, atol=0)

@@ -296,7 +296,7 @@ def _triton():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,block", [(1, 16), (37, 16), (64, 16), (50, 64)])
 def test_triton_jaccard_grad(dtype, n, block):
-    from lipfast.losses.lovasz import _jaccard_grad_torch
+    from lipfast.ops.lovasz import _jaccard_grad_torch
 
     kernels = _triton()
     g = torch.Generator().manual_seed(n)
@@ -322,7 +322,8 @@ def test_triton_jaccard_grad(dtype, n, block):
 @pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("classes", CLASSES, ids=str)
 def test_triton_forward_matches_reference(per_image, classes):
-    from lipfast.losses.lovasz import _lovasz_forward, _normalize_classes
+    from lipfast.losses.lovasz import _normalize_classes
+    from lipfast.ops.lovasz import _lovasz_forward
 
     kernels = _triton()
     x, y = _data(2, 5, 7, 9, seed=18)
@@ -363,7 +364,7 @@ def _op(x, y, ids, present, per_image, ignore=255, from_logits=True):
 def test_cpp_kernel_matches_vectorised_path(per_image, label_dtype):
     """The C++ kernel against the vectorised PyTorch path (the one CUDA float64
     uses), every classes mode, several label dtypes."""
-    from lipfast.losses.lovasz import _lovasz_forward
+    from lipfast.ops.lovasz import _lovasz_forward
 
     x, y = _data(3, 6, 9, 7, seed=20)
     y[2, :4] = 255

@@ -254,7 +254,7 @@ def test_bad_values_raise_and_leave_out_unchanged(ldt):
 
 def test_torch_path_matches():
     """The CUDA fallback path (float64 / no Triton), run on CPU tensors."""
-    from lipfast.metrics.confusion import torch_confusion_matrix
+    from lipfast.ops.confusion_matrix import torch_confusion_matrix
 
     x, y = make(2, 5, 6, 7)
     cm, bad = torch_confusion_matrix(x, y, 5, IGN, False)
@@ -540,7 +540,7 @@ def test_cuda_glue_on_cpu_tensors():
     """The CUDA registration's body (Triton launcher + device-side assert), run
     on CPU tensors under the interpreter: counts, accumulation, the assert."""
     pytest.importorskip("lipfast.kernels.confusion_matrix")
-    from lipfast.metrics import confusion
+    from lipfast.ops import confusion_matrix as confusion
 
     x, y = make(2, 5, 6, 7, dtype=torch.float32)
     lab = torch.randint(0, 5, (2, 9, 8))

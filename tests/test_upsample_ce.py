@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lipfast.losses.upsample_ce as uce_mod
+import lipfast.ops.upsample_ce as uce_mod
 from lipfast.losses import UpsampleCrossEntropy, upsample_cross_entropy
 from cuda_checks import assert_device_assert, twice_without_sync
 

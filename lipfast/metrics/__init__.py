@@ -2,7 +2,8 @@
 
 - :func:`confusion_matrix` (``lipfast::confusion_matrix`` op): logits (argmax
   fused, optional fused bilinear resize to the label size) or predictions to an
-  int64 C x C matrix, no host synchronisation; C++ on CPU, Triton on CUDA.
+  int64 C x C matrix, no host synchronisation; C++ on CPU, Triton on CUDA (the
+  op's registration: :mod:`lipfast.ops.confusion_matrix`).
 - :class:`ParsingMetrics`: accumulate, all-reduce across ranks, pixel
   accuracy / mean accuracy / per-class IoU / mIoU (x100), per-class table,
   resumable state.

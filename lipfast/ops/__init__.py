@@ -1,10 +1,30 @@
-"""lipfast's compiled ops (``torch.ops.lipfast.*``) and their functional wrappers.
+"""lipfast's ops (``torch.ops.lipfast.*``): one file per op family, every op's
+Python registration in one place.
 
-One file per op family: ``lipfast/ops/<name>.py`` registers fake kernels and
-autograd for the ops whose schemas are in ``csrc/ops/<name>.cpp``, or defines
-composite ops with ``torch.library.custom_op`` (``oc_attention``, ``relu_conv2d``).
+``lipfast/ops/<op>.py`` holds everything the dispatcher needs for its ops:
+the ``_ext.load()`` of the C++ schemas (``csrc/ops/<op>.cpp``) and CPU kernels,
+or the ``torch.library.custom_op`` definition; the CUDA dispatch to the Triton
+kernels of ``lipfast/kernels/<op>.py`` with the PyTorch fallback (float64, no
+Triton); the fake kernels; the autograd formula; the checks the op itself needs.
+
+- :mod:`.abn`: ``abn_stats``, ``abn_forward_``, ``abn_backward_reduce``,
+  ``abn_backward_elemt`` and the functional ``inplace_abn`` / ``inplace_abn_sync``
+  (modules: :mod:`lipfast.nn.abn`);
+- :mod:`.oc_attention`: ``oc_attention``, ``oc_attention_backward`` and the
+  functional ``oc_attention`` (modules: :mod:`lipfast.nn.oc`);
+- :mod:`.relu_conv`: ``relu_conv2d`` and the functional ``relu_conv2d``;
+- :mod:`.upsample_ce`: ``upsample_ce``, ``upsample_ce_backward`` (user API:
+  :mod:`lipfast.losses.upsample_ce`);
+- :mod:`.edge`: ``generate_edge`` (user API: :mod:`lipfast.losses.edge`);
+- :mod:`.lovasz`: ``lovasz_softmax_loss`` (user API: :mod:`lipfast.losses.lovasz`);
+- :mod:`.confusion_matrix`: ``confusion_matrix``, ``confusion_matrix_accumulate``
+  (user API: :mod:`lipfast.metrics.confusion`).
+
+Importing this package registers all of them. ``pyramid_regions`` (OCNet's
+pyramid region table) lives in :mod:`lipfast.kernels._regions`, re-exported here.
 """
 
+from . import confusion_matrix, edge, lovasz, upsample_ce  # noqa: F401  (register the ops)
 from .abn import inplace_abn, inplace_abn_sync
 from .oc_attention import oc_attention, pyramid_regions
 from .relu_conv import relu_conv2d
