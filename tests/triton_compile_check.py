@@ -107,7 +107,7 @@ def _edge_cases(dt):
 def _lovasz_cases(dt):
     # exactly the GPU path: _lovasz_forward upcasts fp16/bf16 to float32 before the
     # kernel (float64 goes to PyTorch), so every input dtype gives *fp32 errors
-    from lipfast.losses.lovasz import _lovasz_forward
+    from lipfast.ops.lovasz import _lovasz_forward
 
     def run(b, h, w, per_image):
         x = torch.randn(b, 5, h, w).to(dt)
