@@ -31,6 +31,15 @@ at counted pixels, are not counted (no out-of-bounds access); they set
 Precision: float16/bfloat16 logits are compared (and resized) in float32,
 float64 in float64 (the op sends float64 to its PyTorch path on a GPU; the
 tests run it here under the interpreter).
+
+Configuration (``lipfast.kernels._tuning``, kernel name ``confusion_matrix``):
+BLOCK_P, BLOCK_C, num_warps (num_stages 1); key: MODE, HIST and power-of-two
+buckets of C and of the pixel count, and the dtypes. Predictions (MODE 0) use no
+channel block: only BLOCK_C = 8 configurations are kept; logits drop channel
+blocks wider than max(8, C padded); registers are estimated from the
+[BLOCK_P, BLOCK_C] tiles (four taps in MODE 2) and the histogram. The kernel
+adds to the matrix with atomics, and the matrix is the caller's accumulator, so
+trials restore it (``restore_value``) and only the final launch counts.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
 from ._bilinear import load_taps
 
 BIG = tl.constexpr(1 << 30)
@@ -49,10 +59,34 @@ def _acc_tl(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-@triton.jit
+# (BLOCK_P, BLOCK_C, num_warps); the first valid one that fits is the default
+SPACE = [(1024, 8, 4), (128, 8, 4), (256, 8, 8), (2048, 8, 8), (64, 16, 4), (128, 16, 8)]
+CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w, num_stages=1)
+           for p, c, w in SPACE]
+
+
+def _valid(kw, warps, args):
+    if args["MODE"] == 0:
+        return kw["BLOCK_C"] == 8
+    return kw["BLOCK_C"] <= max(8, triton.next_power_of_2(args["C"]))
+
+
+def _res(kw, warps, stages, args):
+    """Registers: 6 per pixel per thread (int64 offsets) and, per element of
+    [BLOCK_P, BLOCK_C] per thread, 12 (logits) or 20 (four resize taps), plus the
+    histogram (calibrated with ptxas: 8 elements fit, 16 spill with taps)."""
+    bp, bc, th = kw["BLOCK_P"], kw["BLOCK_C"], 32 * warps
+    per = {0: 0, 1: 12, 2: 20}[args["MODE"]]
+    regs = 40 + (6 * bp + per * bp * bc + args["HIST"]) // th
+    return regs, 4 * args["HIST"] + 8 * bp
+
+
+@_tuning.autotuned("confusion_matrix", CONFIGS, ["MODE", "HIST", "C_B", "N_B"], _valid, _res,
+                   restore_value=["CM"])
+@triton.jit(do_not_specialize=["C_B", "N_B"])
 def _cm_kernel(X, LAB, CM, BAD, RI0, RI1, RA, CJ0, CJ1, CB,
                x_sb, x_sc, x_sh, x_sw, l_sb, l_sh, l_sw,
-               N, C, HH, WW, IGNORE, ITERS,
+               N, C, HH, WW, IGNORE, C_B, N_B,
                MODE: tl.constexpr, HIST: tl.constexpr, ACC: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -60,7 +94,9 @@ def _cm_kernel(X, LAB, CM, BAD, RI0, RI1, RA, CJ0, CJ1, CB,
     if HIST > 0:
         hist = tl.zeros([HIST], dtype=tl.int32)
     zero_i = tl.zeros([BLOCK_P], dtype=tl.int32)
-    for it in range(0, ITERS):
+    # blocks pid, pid + nprog, ... below cdiv(N, BLOCK_P) (the grid has at most that many)
+    iters = tl.cdiv(tl.cdiv(N, BLOCK_P) - pid, nprog)
+    for it in range(0, iters):
         blk = (pid + it * nprog).to(tl.int64)
         offs = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         mp = offs < N
@@ -135,7 +171,7 @@ def _mode(input: torch.Tensor, labels: torch.Tensor, resize: bool) -> int:
 
 
 def confusion_matrix(input, labels, num_classes, ignore_index, resize, out=None,
-                     block_p=None, block_c=None, hist=None, programs=None):
+                     block_p=None, block_c=None, hist=None, programs=None, config=None):
     """Adds the confusion matrix of (input, labels) to ``out`` (int64 C x C,
     allocated as zeros when None). Returns ``(out, bad)``: ``bad`` is the int32
     2-element device flag (label, prediction out of range). Arguments are
@@ -170,23 +206,21 @@ def confusion_matrix(input, labels, num_classes, ignore_index, resize, out=None,
     l_sb, l_sh, l_sw = labels.stride()
     if hist is None:
         hist = triton.next_power_of_2(c * c) if c * c <= HIST_MAX else 0
-    if block_p is None:
-        block_p = 256 if mode else 1024
-    if block_c is None:
-        block_c = min(32, triton.next_power_of_2(c))
-    nblocks = triton.cdiv(n, block_p)
+    explicit = dict(config or {})
+    explicit.update({k: v for k, v in (("BLOCK_P", block_p), ("BLOCK_C", block_c)) if v})
     if programs is None:
         sms = (torch.cuda.get_device_properties(dev).multi_processor_count
                if dev.type == "cuda" else 4)
         programs = 8 * sms
     # int32 per-program histogram: at most 2^30 pixels per program
     programs = max(int(programs), triton.cdiv(n, 1 << 30))
-    programs = min(programs, nblocks)
-    iters = triton.cdiv(nblocks, programs)
-    _cm_kernel[(programs,)](
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(n, meta["BLOCK_P"])),)
+
+    _tuning.launch("confusion_matrix", grid, (
         input, labels, out, bad, ri0, ri1, ra, cj0, cj1, cb,
         x_sb, x_sc, x_sh, x_sw, l_sb, l_sh, l_sw,
-        n, c, hh, ww, int(ignore_index), iters,
-        MODE=mode, HIST=hist, ACC=_acc_tl(input) if mode else tl.float32,
-        BLOCK_P=block_p, BLOCK_C=block_c)
+        n, c, hh, ww, int(ignore_index), _tuning.bucket(c), _tuning.bucket(n)),
+        dict(MODE=mode, HIST=hist, ACC=_acc_tl(input) if mode else tl.float32), explicit)
     return out, bad

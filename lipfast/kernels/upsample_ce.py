@@ -23,6 +23,20 @@ align_corners settings.
   log-sum-exp (one channel's softmax needs only that channel's taps), and
   applies the adjoint weights as a [BLOCK_C, BLOCK_X] x [BLOCK_X, BLOCK_J] dot.
 
+Configurations (``lipfast.kernels._tuning``):
+
+- ``upsample_ce.fwd``: BLOCK_P (pixels), BLOCK_C (channel chunk), num_warps,
+  num_stages; key: power-of-two buckets of C and H*W, dtypes; a channel chunk
+  wider than max(16, C padded) is dropped; registers estimated from the four
+  [BLOCK_P, BLOCK_C] tap tiles and the interpolated block.
+- ``upsample_ce.bwd``: BLOCK_C, BLOCK_J (low-res columns), BLOCK_X (output
+  columns per step), num_warps, num_stages; key: buckets of C, w and the
+  upsampling factor, dtypes; same channel rule; registers from the
+  [BLOCK_C, BLOCK_X] tiles, shared memory from the pipelined dot operands.
+
+Neither accumulates across launches (plain stores; the bad-label flag is set to
+1 idempotently), so trials need no reset.
+
 Precision: float16/bfloat16 logits accumulate in float32; float64 is supported
 (the op sends it to the PyTorch path on a GPU; used under TRITON_INTERPRET=1 in
 the tests). Dots use full-precision ("ieee") products.
@@ -34,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
 from ._bilinear import load_taps
 
 
@@ -71,11 +86,41 @@ def tables(hh: int, ww: int, h: int, w: int, align_corners: bool, dtype, device)
     return _tables[key]
 
 
-@triton.jit
+def _chan_ok(kw, warps, args):
+    return kw["BLOCK_C"] <= max(16, triton.next_power_of_2(args["C"]))
+
+
+def _res_fwd(kw, warps, stages, args):
+    """Registers: 26 per element of [BLOCK_P, BLOCK_C] per thread (four gathered
+    taps with an address each; calibrated with ptxas: 8 elements fit, 16 spill)."""
+    bp, bc, th = kw["BLOCK_P"], kw["BLOCK_C"], 32 * warps
+    return 40 + 26 * bp * bc // th, 16 * bp
+
+
+def _res_bwd(kw, warps, stages, args):
+    bc, bj, bx, th = kw["BLOCK_C"], kw["BLOCK_J"], kw["BLOCK_X"], 32 * warps
+    regs = 40 + (6 * bc * bx + bx * bj + bc * bj + 8 * bx) // th
+    smem = (stages * (bc * bx + bx * bj) + bc * bj) * 4
+    return regs, smem
+
+
+# (BLOCK_P, BLOCK_C, num_warps, num_stages); the first valid one is the default
+# (spaces checked with ptxas for spills, tests/triton_compile_check.py)
+FWD_SPACE = [(64, 16, 4, 1), (128, 16, 8, 1), (64, 32, 8, 1), (256, 16, 16, 1)]
+FWD_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w, num_stages=st)
+               for p, c, w, st in FWD_SPACE]
+# (BLOCK_C, BLOCK_J, BLOCK_X, num_warps, num_stages)
+BWD_SPACE = [(64, 16, 32, 4, 2), (16, 16, 32, 4, 2), (64, 32, 64, 8, 3), (16, 16, 16, 2, 1)]
+BWD_CONFIGS = [triton.Config({"BLOCK_C": c, "BLOCK_J": j, "BLOCK_X": x}, num_warps=w,
+                             num_stages=st) for c, j, x, w, st in BWD_SPACE]
+
+
+@_tuning.autotuned("upsample_ce.fwd", FWD_CONFIGS, ["C_B", "P_B", "HAS_W"], _chan_ok, _res_fwd)
+@triton.jit(do_not_specialize=["C_B", "P_B"])
 def _fwd_kernel(X, LAB, WT, NLL, LSE, BAD,
                 RI0, RI1, RA, CJ0, CJ1, CB,
                 x_sb, x_sc, x_sh, x_sw, l_sb, l_sh, l_sw,
-                C, HH, WW, IGNORE,
+                C, HH, WW, IGNORE, C_B, P_B,
                 HAS_W: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -127,11 +172,13 @@ def _fwd_kernel(X, LAB, WT, NLL, LSE, BAD,
     tl.store(BAD + tl.zeros([BLOCK_P], dtype=tl.int32), tl.full([BLOCK_P], 1, tl.int32), mask=bad)
 
 
-@triton.jit
+@_tuning.autotuned("upsample_ce.bwd", BWD_CONFIGS, ["C_B", "W_B", "S_B", "HAS_W"], _chan_ok,
+                   _res_bwd)
+@triton.jit(do_not_specialize=["C_B", "W_B", "S_B"])
 def _bwd_kernel(X, LAB, WT, DNLL, LSE, DX,
                 RI0, RI1, RA, YS, YE, CJ0, CJ1, CB, XS, XE,
                 x_sb, x_sc, x_sh, x_sw, l_sb, l_sh, l_sw,
-                C, h, w, HH, WW, IGNORE,
+                C, h, w, HH, WW, IGNORE, C_B, W_B, S_B,
                 HAS_W: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_X: tl.constexpr):
     pid0 = tl.program_id(0)
@@ -198,9 +245,11 @@ def _prep(logits, labels, weight, align_corners):
     return b, c, h, w, hh, ww, acc, tabs, wt
 
 
-def forward(logits, labels, weight, ignore_index, align_corners, block_p=None, block_c=None):
+def forward(logits, labels, weight, ignore_index, align_corners, block_p=None, block_c=None,
+            config=None):
     """(nll B x H x W, lse B x H x W, bad-label flag (int32, 1 element)); see the
-    module docstring. ``nll`` is ``w[y] * -log softmax(up)[y]``, 0 at ignored."""
+    module docstring. ``nll`` is ``w[y] * -log softmax(up)[y]``, 0 at ignored.
+    ``config`` (dict) or block_p/block_c force a configuration."""
     b, c, h, w, hh, ww, acc, tabs, wt = _prep(logits, labels, weight, align_corners)
     (ri0, ri1, ra, _, _), (cj0, cj1, cbb, _, _) = tabs
     nll = torch.empty((b, hh, ww), dtype=acc, device=logits.device)
@@ -208,19 +257,22 @@ def forward(logits, labels, weight, ignore_index, align_corners, block_p=None, b
     bad = torch.zeros(1, dtype=torch.int32, device=logits.device)
     if b == 0 or hh * ww == 0:
         return nll, lse, bad
-    bp = block_p or 64
-    bc = block_c or min(64, triton.next_power_of_2(c))
-    grid = (triton.cdiv(hh * ww, bp), b)
-    _fwd_kernel[grid](
+    explicit = dict(config or {})
+    explicit.update({k: v for k, v in (("BLOCK_P", block_p), ("BLOCK_C", block_c)) if v})
+
+    def grid(meta):
+        return (triton.cdiv(hh * ww, meta["BLOCK_P"]), b)
+
+    _tuning.launch("upsample_ce.fwd", grid, (
         logits, labels, wt, nll, lse, bad, ri0, ri1, ra, cj0, cj1, cbb,
         *logits.stride(), *labels.stride(), c, hh, ww, int(ignore_index),
-        HAS_W=weight is not None, ACC=_acc_tl(logits), BLOCK_P=bp, BLOCK_C=bc,
-    )
+        _tuning.bucket(c), _tuning.bucket(hh * ww)),
+        dict(HAS_W=weight is not None, ACC=_acc_tl(logits)), explicit)
     return nll, lse, bad
 
 
 def backward(dnll, logits, labels, weight, lse, ignore_index, align_corners,
-             block_c=None, block_j=None, block_x=None):
+             block_c=None, block_j=None, block_x=None, config=None):
     """d logits (contiguous, the logits' dtype) of the per-pixel loss ``nll``
     given its gradient ``dnll`` (B x H x W) and the saved ``lse``."""
     b, c, h, w, hh, ww, acc, tabs, wt = _prep(logits, labels, weight, align_corners)
@@ -232,13 +284,17 @@ def backward(dnll, logits, labels, weight, lse, ignore_index, align_corners,
         return dx.zero_()
     dnll = dnll.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
-    bc = block_c or max(16, min(64, triton.next_power_of_2(c)))
-    bj = block_j or 16
-    bx = block_x or 32
-    grid = (triton.cdiv(w, bj) * triton.cdiv(c, bc), h, b)
-    _bwd_kernel[grid](
+    explicit = dict(config or {})
+    explicit.update({k: v for k, v in (("BLOCK_C", block_c), ("BLOCK_J", block_j),
+                                       ("BLOCK_X", block_x)) if v})
+
+    def grid(meta):
+        return (triton.cdiv(w, meta["BLOCK_J"]) * triton.cdiv(c, meta["BLOCK_C"]), h, b)
+
+    scale = max(triton.cdiv(hh, max(h, 1)), triton.cdiv(ww, max(w, 1)))
+    _tuning.launch("upsample_ce.bwd", grid, (
         logits, labels, wt, dnll, lse, dx, ri0, ri1, ra, ys, ye, cj0, cj1, cbb, xs, xe,
         *logits.stride(), *labels.stride(), c, h, w, hh, ww, int(ignore_index),
-        HAS_W=weight is not None, ACC=_acc_tl(logits), BLOCK_C=bc, BLOCK_J=bj, BLOCK_X=bx,
-    )
+        _tuning.bucket(c), _tuning.bucket(w), _tuning.bucket(scale)),
+        dict(HAS_W=weight is not None, ACC=_acc_tl(logits)), explicit)
     return dx
