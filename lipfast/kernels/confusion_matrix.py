@@ -12,7 +12,7 @@ walking blocks of BLOCK_P pixels of the flattened B x H x W label map (block
 - MODE 2: the same on logits bilinearly resized (align_corners=True) from
   h x w to H x W on the fly: the 4 taps of each pixel are gathered and combined
   in ATen's order (width, then height) with host-made tap tables
-  (:func:`lipfast.losses.upsample_ce.bilinear_taps`), never storing the resized
+  (:func:`lipfast.kernels._taps.bilinear_taps`), never storing the resized
   logits;
 
 and counts ``label * C + pred`` over the pixels whose label is not ignore_index:
@@ -175,7 +175,7 @@ def confusion_matrix(input, labels, num_classes, ignore_index, resize, out=None,
     """Adds the confusion matrix of (input, labels) to ``out`` (int64 C x C,
     allocated as zeros when None). Returns ``(out, bad)``: ``bad`` is the int32
     2-element device flag (label, prediction out of range). Arguments are
-    assumed checked (lipfast.metrics.confusion does it)."""
+    assumed checked (lipfast.ops.confusion_matrix does it)."""
     c = int(num_classes)
     dev = labels.device
     if out is None:

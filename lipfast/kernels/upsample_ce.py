@@ -4,7 +4,7 @@ Cross-entropy of logits (B x C x h x w, any strides) bilinearly upsampled to the
 labels' H x W, the upsampled B x C x H x W tensor never stored. The 1-D bilinear
 maps come as small host-made tables (rows: i0, i1, lambda per output row;
 columns: j0, j1, lambda per output column) computed exactly as the PyTorch path
-does (:func:`lipfast.losses.upsample_ce.bilinear_taps`), for both
+does (:func:`lipfast.kernels._taps.bilinear_taps`), for both
 align_corners settings.
 
 - forward, one program per (block of BLOCK_P output pixels, image): the 4 taps of
