@@ -297,6 +297,12 @@ class Settings:
         """A copy with the given fields replaced (None values ignored)."""
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def as_flags(self) -> str:
+        """These settings written as the command-line flags that give them."""
+        return (f"--warmup {self.warmup} --max-warmup {self.max_warmup} --min-rounds "
+                f"{self.min_rounds} --min-time {self.min_seconds:g} --max-rounds "
+                f"{self.max_rounds} --max-time {self.max_seconds:g}")
+
     def describe(self) -> str:
         if self.warmup == 0:
             s = "no warm-up"
@@ -313,6 +319,19 @@ class Settings:
             s += f" or {self.max_seconds:g} s"
         return s
 
+
+
+# The smoke-run settings every script's --quick uses: 1 warm-up, 3 rounds.
+QUICK = Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+
+
+def defaults_help(cpu: Settings, cuda: Settings, quick: Settings = QUICK, unit: str = "",
+                  notes: str = "") -> str:
+    """The sentence of a script's --help that gives its timing defaults as flags."""
+    per = f" (per {unit})" if unit else ""
+    text = (f"Defaults{per}: CPU {cpu.as_flags()}; CUDA {cuda.as_flags()}; --quick "
+            f"{quick.as_flags()}.")
+    return f"{text} {notes}" if notes else text
 
 @dataclass
 class Measurement:

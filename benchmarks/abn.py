@@ -384,16 +384,12 @@ CPU_TIMING = _timing.Settings(warmup=2, max_warmup=5, max_warmup_seconds=10.0, m
                               min_seconds=5.0, max_rounds=300, max_seconds=30.0)
 CUDA_TIMING = _timing.Settings(warmup=5, max_warmup=20, min_rounds=30, min_seconds=1.0,
                                max_rounds=1000, max_seconds=60.0)
-QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+QUICK_TIMING = _timing.QUICK
 
 
 def timing_defaults_help() -> str:
-    def d(st):
-        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
-                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
-                f"--max-time {st.max_seconds:g}")
-    return (f"Defaults (per shape): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
-            f"{d(QUICK_TIMING)}. --repeats is --min-rounds, --budget is --max-time.")
+    return _timing.defaults_help(CPU_TIMING, CUDA_TIMING, QUICK_TIMING, 'shape',
+                                 '--repeats is --min-rounds, --budget is --max-time.')
 
 
 def fmt(v, spec, none="-"):

@@ -1257,16 +1257,12 @@ CPU_TIMING = _timing.Settings(warmup=2, max_warmup=5, max_warmup_seconds=10.0, m
                               min_seconds=3.0, max_rounds=300, max_seconds=60.0)
 CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=20, min_seconds=1.0,
                                max_rounds=1000, max_seconds=60.0)
-QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+QUICK_TIMING = _timing.QUICK
 
 
 def timing_defaults_help() -> str:
-    def d(st):
-        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
-                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
-                f"--max-time {st.max_seconds:g}")
-    return (f"Defaults: CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick {d(QUICK_TIMING)}. "
-            "--repeats is --min-rounds, --budget is --max-time.")
+    return _timing.defaults_help(CPU_TIMING, CUDA_TIMING, QUICK_TIMING, '',
+                                 '--repeats is --min-rounds, --budget is --max-time.')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -286,17 +286,12 @@ CPU_TIMING = _timing.Settings(warmup=1, max_warmup=4, max_warmup_seconds=20.0, m
                               min_seconds=0.0, max_rounds=100, max_seconds=120.0)
 CUDA_TIMING = _timing.Settings(warmup=3, max_warmup=20, min_rounds=20, min_seconds=2.0,
                                max_rounds=500, max_seconds=60.0)
-QUICK_TIMING = _timing.Settings(warmup=1, max_warmup=1, min_rounds=3, max_rounds=3)
+QUICK_TIMING = _timing.QUICK
 
 
 def timing_defaults_help() -> str:
-    def d(st):
-        return (f"--warmup {st.warmup} --max-warmup {st.max_warmup} --min-rounds "
-                f"{st.min_rounds} --min-time {st.min_seconds:g} --max-rounds {st.max_rounds} "
-                f"--max-time {st.max_seconds:g}")
-    return (f"Defaults (per config): CPU {d(CPU_TIMING)}; CUDA {d(CUDA_TIMING)}; --quick "
-            f"{d(QUICK_TIMING)}. --reps is --min-rounds. The step-0 loss step comes before "
-            "the warm-up.")
+    return _timing.defaults_help(CPU_TIMING, CUDA_TIMING, QUICK_TIMING, 'config',
+                                 '--reps is --min-rounds. The step-0 loss step comes before the warm-up.')
 
 
 def max_batch(config, stack, quick, size, device, amp, limit=256):
