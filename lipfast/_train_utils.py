@@ -6,6 +6,7 @@ re-estimation), model construction from stored hyper-parameters, progress
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import signal
@@ -20,6 +21,17 @@ from ._io import atomic_file
 
 CHECKPOINT_FORMAT = "lipfast-train-1"
 MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
+
+
+def layers_arg(text: str) -> tuple:
+    """argparse type of ``--layers``: four positive Bottleneck counts, e.g. ``3,4,23,3``."""
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be 4 comma-separated ints, got {text!r}")
+    if len(vals) != 4 or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--layers must be 4 positive ints, got {text!r}")
+    return vals
 
 
 # ----------------------------------------------------------------- checkpoints

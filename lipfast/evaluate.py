@@ -59,7 +59,7 @@ import time
 import torch
 
 from lipfast._io import atomic_file
-from lipfast._train_utils import PROGRESS_MODES, Progress
+from lipfast._train_utils import PROGRESS_MODES, Progress, layers_arg
 from lipfast.data import LIPDataset, collate, lip_palette, warp_back
 from lipfast.models import CONTEXTS, NORMS, model_from_checkpoint, read_checkpoint
 
@@ -267,16 +267,6 @@ def _parse_scales(text: str):
     return scales
 
 
-def _layers_arg(text: str):
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers must be 4 comma-separated ints, got {text!r}")
-    if len(vals) != 4 or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"--layers must be 4 positive ints, got {text!r}")
-    return vals
-
-
 def load_model(path, device, use_schp: bool = False, **flags):
     """(model in eval mode on ``device``, hparams, checkpoint) from a
     checkpoint in any format :func:`lipfast.models.read_checkpoint` reads;
@@ -311,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "it is an error)")
     g.add_argument("--num-classes", type=int, default=None)
     g.add_argument("--context", choices=CONTEXTS, default=None)
-    g.add_argument("--layers", type=_layers_arg, default=None,
+    g.add_argument("--layers", type=layers_arg, default=None,
                    help="Bottleneck counts of layer1..4, e.g. 3,4,23,3")
     g.add_argument("--width-mult", type=float, default=None)
     g.add_argument("--output-stride", type=int, choices=(8, 16), default=None,

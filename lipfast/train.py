@@ -85,23 +85,13 @@ import torch.distributed as dist
 
 from lipfast._io import atomic_file
 from lipfast._train_utils import (CHECKPOINT_FORMAT, PROGRESS_MODES, Progress, SCHPSchedule,
-                                  ShardSampler,
-                                  StopFlag, atomic_save, bn_re_estimate, build_model,
+                                  ShardSampler, StopFlag, atomic_save, bn_re_estimate, build_model,
                                   ignore_sigint_in_worker, load_training_checkpoint,
-                                  model_hparams, moving_average, rng_state, set_rng_state)
+                                  layers_arg, model_hparams, moving_average, rng_state,
+                                  set_rng_state)
 
 CSV_FIELDS = ("epoch", "iters", "loss", "lr", "val_miou", "seconds")
 CURVES_SIZE = (900, 340)  # curves.png: two panels, loss and val mIoU per epoch
-
-
-def _layers(text: str):
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers must be 4 comma-separated ints, got {text!r}")
-    if len(vals) != 4 or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"--layers must be 4 positive ints, got {text!r}")
-    return vals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default=None,
                    choices=("inplace_abn_sync", "inplace_abn", "batchnorm"),
                    help="default: inplace_abn_sync under DDP, inplace_abn otherwise")
-    p.add_argument("--layers", type=_layers, default=(3, 4, 23, 3),
+    p.add_argument("--layers", type=layers_arg, default=(3, 4, 23, 3),
                    help="Bottleneck counts of layer1..4 (default 3,4,23,3 = ResNet-101)")
     p.add_argument("--width-mult", type=float, default=1.0)
     p.add_argument("--num-classes", type=int, default=20)
