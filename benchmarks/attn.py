@@ -5,7 +5,7 @@ Every row compares three implementations of the same computation:
 
   lipfast    the fused op ``lipfast.ops.oc_attention(qk, v, scale, regions)``
              (attention-core rows) or the lipfast module (module rows)
-  reference  OCNet's eager formulation, written here from SPEC section 1: q = k
+  reference  OCNet's eager formulation, written here from OCNet's code: q = k
              from the same B x N x Ck tensor (view + permute, as OCNet), the
              B x N x N map ``sim = softmax((q @ k^T) * dk**-0.5)`` materialised,
              ``context = sim @ v``, permute + contiguous back to B x Cv x H x W;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Loss benchmark: lipfast's loss ops and the full SCHP criterion against the
-eager formulations they replace (SPEC section 3).
+eager formulations they replace (formulas: README, "Parsing losses").
 
 Rows (each: lipfast vs reference, forward + backward):
 

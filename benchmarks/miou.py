@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Evaluation benchmark: logits + labels -> confusion matrix, per batch (SPEC
-section 4), lipfast against the ways evaluation code does it.
+"""Evaluation benchmark: logits + labels -> confusion matrix, per batch (the
+LIP evaluation: cm[gt, pred] over pixels with gt != 255), lipfast against the ways evaluation code does it.
 
 Implementations (each accumulates a C x C int64 matrix over batches):
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """End-to-end training-step benchmark: CE2P on LIP-shaped batches, the reference
-stack against the lipfast stack (issue 6).
+stack against the lipfast stack.
 
 Configurations (``--configs``):
 
