@@ -44,23 +44,26 @@ def test_sources_are_laid_out_per_op():
 
 # The just-in-time tests compile the smallest source set that still goes through
 # the real fallback: the module (lipfast.cpp) and one op family (abn: schema, CPU
-# kernel). The package's __init__ would import every op, so the child process
-# stands up the ``lipfast`` package without running it and imports ``lipfast._ext``
-# and ``lipfast.ops`` (whose other ops are pure Python) directly. That the full
-# source list builds is shown by the ahead-of-time build, which compiles the same
+# kernel). The __init__ of ``lipfast`` and of ``lipfast.ops`` would register every
+# op, so the child process stands both packages up without running them and
+# imports ``lipfast._ext`` and ``lipfast.ops.abn`` directly. That the full source
+# list builds is shown by the ahead-of-time build, which compiles the same
 # _build.sources() with the same _build flags.
 JIT_SOURCES = ("lipfast.cpp", "ops/abn.h", "ops/abn.cpp", "ops/cpu/abn_kernel.cpp")
 
 PACKAGE_WITHOUT_INIT = f"""
     import sys, types
-    pkg = types.ModuleType("lipfast")
-    pkg.__path__ = [{str(ROOT / "lipfast")!r}]
-    sys.modules["lipfast"] = pkg
+    for name, folder in (("lipfast", {str(ROOT / "lipfast")!r}),
+                         ("lipfast.ops", {str(ROOT / "lipfast" / "ops")!r})):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [folder]
+        sys.modules[name] = pkg
 """
 
 CHECK_OPS = PACKAGE_WITHOUT_INIT + """
     import torch, torch.nn.functional as F
-    from lipfast import _ext, ops
+    from lipfast import _ext
+    from lipfast.ops import abn as ops
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     w = torch.rand(4, dtype=torch.float64) + 0.5
     y = ops.inplace_abn(x.clone(), w, None, None, None)
