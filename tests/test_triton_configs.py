@@ -49,12 +49,13 @@ def _params():
 
 
 def _check_kept(name, kw, args):
-    """Skips a configuration the sm_90 pruning drops for the test shape (bf16)."""
+    """Checks that the configuration suits the test shape. One the sm_90 pruning
+    drops for its resources at this shape still runs: the interpreter has no
+    resource limits, and the same configuration is kept at other shapes or on
+    other devices, so its logic is checked all the same."""
     spec = _tuning.SPECS[name]
     cfg = _tuning.merge(spec, spec.configs[0], kw)
     assert spec.valid(cfg.kwargs, cfg.num_warps, args), "the test shape does not suit the config"
-    if not _tuning.fits(spec, cfg, args, SM90):
-        pytest.skip(f"{name} {kw}: pruned for sm_90 (resources) at the test shape")
 
 
 # ------------------------------------------------------------------- oc_attention
