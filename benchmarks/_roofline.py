@@ -269,6 +269,14 @@ def from_args(args, device, quick: bool) -> Roofline:
     return Roofline(measured, getattr(args, "model", None) or ())
 
 
+def announce(args, device, quick: bool) -> Roofline:
+    """:func:`from_args`, with the ceilings and models it uses printed."""
+    roof = from_args(args, device, quick)
+    for line in roof.describe():
+        print(line)
+    return roof
+
+
 def compute_dtype(device, dtype: str, op: str = "matmul") -> str:
     """The rate that applies to a row: bf16/fp16 as given; fp32 on CUDA is tf32 where
     torch lets that op use TF32 (op 'conv': cudnn.allow_tf32; 'matmul':

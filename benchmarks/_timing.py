@@ -262,6 +262,26 @@ def choose_threads(requested: int | None, device, machine: dict | None) -> str |
             "this run uses 1 thread (torch.set_num_threads(1)); --threads N overrides")
 
 
+def print_run_header(env: dict, settings: "Settings") -> None:
+    """The lines every benchmark prints before its rows: the command, the machine
+    and how rows are timed."""
+    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
+          f"{settings.describe()}; median [p20-p80] reported", flush=True)
+
+
+def print_machine_notes(machine: dict, threads_note: str | None) -> list[str]:
+    """Prints the start-of-run machine warning and the thread-count note (when there
+    are any) and returns them."""
+    notes = []
+    if machine["warning"]:
+        print("WARNING: " + machine["warning"])
+        notes.append(machine["warning"])
+    if threads_note:
+        print("note: " + threads_note)
+        notes.append(threads_note)
+    return notes
+
+
 # --------------------------------------------------------------------------- harness
 
 

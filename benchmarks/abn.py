@@ -454,21 +454,15 @@ def main(argv=None) -> dict:
           f"{torch.__version__}, {env['num_threads']} threads, dtype {args.dtype}")
     print(f"stack: {args.depth} x [Conv2d(C, C, 3, padding=1, bias=False) -> norm -> "
           f"leaky_relu({SLOPE})], batch {batch}, {channels} channels, sizes {sizes}")
-    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
-          f"{settings.describe()}; median [p20-p80] reported", flush=True)
+    _timing.print_run_header(env, settings)
     print("memory: 'saved MB' = unique storages saved for backward (activations; parameters "
           "and buffers excluded)" + ("; 'peak MB' = max_memory_allocated above the "
                                      "pre-step allocation" if cuda else ""))
 
-    if machine["warning"]:
-        print(f"WARNING: {machine['warning']}")
-    if threads_note:
-        print("note: " + threads_note)
+    _timing.print_machine_notes(machine, threads_note)
     if "syncbn+leaky" in variants and not cuda:
         print("note: " + SYNCBN_CPU_NOTE)
-    roof = _roofline.from_args(args, device, args.quick)
-    for line in roof.describe():
-        print(line)
+    roof = _roofline.announce(args, device, args.quick)
     rate = "bf16" if args.dtype == "bf16" else _roofline.compute_dtype(device, "fp32", "conv")
 
     rows: list[Row] = []

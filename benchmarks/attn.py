@@ -1339,15 +1339,8 @@ def main(argv=None) -> dict:
     print(f"lipfast OC attention benchmark on {device} ({env['device_name']}), torch "
           f"{torch.__version__}, triton {env['triton']}, {env['num_threads']} threads, "
           f"{'full' if full else 'CPU (reduced)'} shapes, dtype {dtype_arg}")
-    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
-          f"{settings.describe()}; median [p20-p80] reported", flush=True)
-    notes = []
-    if machine["warning"]:
-        print("WARNING: " + machine["warning"])
-        notes.append(machine["warning"])
-    if threads_note:
-        print("note: " + threads_note)
-        notes.append(threads_note)
+    _timing.print_run_header(env, settings)
+    notes = _timing.print_machine_notes(machine, threads_note)
 
     selected = [r for r in ROWS if not args.rows
                 or any(s.lower() in r.name.lower() for s in args.rows)]
@@ -1368,9 +1361,7 @@ def main(argv=None) -> dict:
             if (r.full if full else r.cpu) is not None
             and not (r.kind == "module" and no_modules)]
 
-    roof = _roofline.from_args(args, device, args.quick)
-    for line in roof.describe():
-        print(line)
+    roof = _roofline.announce(args, device, args.quick)
     matmul_tflops = None
     if cuda:
         if roof.measured is not None and "bf16" in roof.measured.compute_GFLOPs:

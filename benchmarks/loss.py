@@ -401,15 +401,9 @@ def main(argv=None):
     env["machine_check"], env["threads_note"] = machine, threads_note
     print(f"lipfast loss benchmark on {device} ({env['device_name']}), B={b} C={c} logits "
           f"{h}x{h} labels {H}x{H}")
-    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
-          f"{settings.describe()}; median [p20-p80] reported", flush=True)
-    if machine["warning"]:
-        print("WARNING: " + machine["warning"])
-    if threads_note:
-        print("note: " + threads_note)
-    roof = _roofline.from_args(args, device, args.quick)
-    for line in roof.describe():
-        print(line)
+    _timing.print_run_header(env, settings)
+    _timing.print_machine_notes(machine, threads_note)
+    roof = _roofline.announce(args, device, args.quick)
     g = torch.Generator().manual_seed(0)
     labels = labels_like(b, H, H, c, device)
     edges = generate_edge(labels)

@@ -250,15 +250,9 @@ def main(argv=None):
     env["machine_check"], env["threads_note"] = machine, threads_note
     print(f"device {device} ({env['device_name']}), threads {env['num_threads']}, B={b} C={c} "
           f"labels {hh}x{hh}")
-    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
-          f"{settings.describe()}; median [p20-p80] reported", flush=True)
-    if machine["warning"]:
-        print("WARNING: " + machine["warning"])
-    if threads_note:
-        print("note: " + threads_note)
-    roof = _roofline.from_args(args, device, args.quick)
-    for line in roof.describe():
-        print(line)
+    _timing.print_run_header(env, settings)
+    _timing.print_machine_notes(machine, threads_note)
+    roof = _roofline.announce(args, device, args.quick)
     rows, timing = [], {}
     for name, h in cases:
         case_rows, timing[name] = run_case(name, b, c, h, hh, device, settings, roof)

@@ -410,20 +410,14 @@ def main(argv=None) -> int:
     threads_note = _timing.choose_threads(args.threads, device, machine)
     env = environment(device, __file__, argv)
     env["machine_check"], env["threads_note"] = machine, threads_note
-    print(f"command: {env['command']}\nmachine: {env['machine']}\ntiming: "
-          f"{settings.describe()}; median [p20-p80] reported", flush=True)
-    if machine["warning"]:
-        print("WARNING: " + machine["warning"])
-    if threads_note:
-        print("note: " + threads_note)
+    _timing.print_run_header(env, settings)
+    _timing.print_machine_notes(machine, threads_note)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
         ap.error(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     tol = args.tol if args.tol is not None else (3e-2 if args.amp else 2e-3)
-    roof = _roofline.from_args(args, device, args.quick)
-    for line in roof.describe():
-        print(line)
+    roof = _roofline.announce(args, device, args.quick)
     rate = "bf16" if args.amp else _roofline.compute_dtype(device, "fp32", "conv")
 
     rows, ok = [], True
