@@ -1,7 +1,9 @@
 """Reference parsing models (SPEC section 5): :class:`CE2P` (CE2P / SCHP's
 AugmentCE2P, with PSP or OCNet object-context heads) and local checkpoint
 reading: lipfast.train checkpoints, SCHP's released checkpoints and plain
-state_dicts, the model chosen from the keys (:func:`model_from_checkpoint`).
+state_dicts, the model chosen from the keys (:func:`model_from_checkpoint`);
+:func:`fold_norms` (norms folded into the convolutions, for inference and
+export).
 See :mod:`lipfast.models.ce2p` and :mod:`lipfast.models.checkpoint`."""
 
 from .ce2p import CE2P, CONTEXTS, LIP_MEAN, LIP_STD, NORMS, BatchNormAct, Bottleneck
@@ -17,6 +19,7 @@ from .checkpoint import (
     read_checkpoint,
     read_state_dict,
 )
+from .fold import fold_norms
 
 __all__ = [
     "CE2P",
@@ -33,6 +36,7 @@ __all__ = [
     "infer_config",
     "load_checkpoint",
     "load_imagenet",
+    "fold_norms",
     "model_from_checkpoint",
     "read_checkpoint",
     "read_state_dict",

@@ -65,6 +65,12 @@ forward hooks on those ReLU modules do not fire while fused). relu3 feeds the
 max-pool and stays a plain ReLU. With ``norm="batchnorm"`` the plain ReLU +
 conv runs (BatchNorm saves its input, so the fusion would not save anything).
 
+Inference and export: :meth:`CE2P.for_inference` returns a copy with every norm
+folded into its convolution (:func:`lipfast.models.fold_norms`), the ReLU ->
+conv fusion off and the OC attention in plain PyTorch: no lipfast op, the same
+outputs within float rounding, ready for ``torch.export`` / ONNX
+(``python -m lipfast.export``).
+
 Input: B x 3 x H x W, BGR in [0, 1] normalised with :data:`LIP_MEAN` /
 :data:`LIP_STD` (SCHP's ImageNet settings). Differences from upstream: none in
 the computation; the ReLUs after the backbone norms are out of place (required
@@ -416,6 +422,16 @@ class CE2P(nn.Module):
         for m in self.modules():
             if isinstance(m, Bottleneck):
                 m.fuse_relu_conv = value
+
+    def for_inference(self) -> "CE2P":
+        """A folded copy for inference and export: :func:`lipfast.models.fold_norms`
+        of this model (which must be in eval mode). Every norm is folded into its
+        convolution, ``fuse_relu_conv`` is off and the OC attention runs in plain
+        PyTorch, so the copy calls no lipfast op (``torch.export`` / ONNX take it);
+        the same outputs within float rounding. This model is left unchanged."""
+        from .fold import fold_norms
+
+        return fold_norms(self)
 
     def backbone_parameters(self):
         """Parameters of the ResNet (stem and layer1..4), e.g. for per-group learning rates."""

@@ -13,6 +13,7 @@ from .oc import (
     PyramidOCModule,
     PyramidSelfAttentionBlock2D,
     SelfAttentionBlock2D,
+    attention_torch,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "BaseOC_Context_Module",
     "Pyramid_OC_Module",
     "ASP_OC_Module",
+    "attention_torch",
 ]

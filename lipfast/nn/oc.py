@@ -16,6 +16,12 @@ indices and state_dict keys, so OCNet / CE2P / SCHP checkpoints load unchanged
 - :class:`ASPOCModule` (``ASP_OC_Module``): the atrous-spatial-pyramid OC head,
   with OCNet's current (``5*out -> 2*out``) or the older (``5*out -> out``) head.
 
+The attention blocks' ``attention`` attribute chooses how the attention runs:
+``"fused"`` (default) calls :func:`lipfast.ops.oc_attention`; ``"torch"`` calls
+:func:`attention_torch`, plain ``matmul`` / ``softmax`` / slicing that
+``torch.export`` and the ONNX exporter handle (it materialises the N x N map of
+each region; :func:`lipfast.models.fold_norms` switches folded models to it).
+
 Every module takes ``norm_layer``: a callable ``num_features -> nn.Module``; ``None``
 means :class:`lipfast.InPlaceABNSync` (leaky_relu, slope 0.01), OCNet's norm.
 In-place norms are only ever applied to fresh convolution outputs.
@@ -39,10 +45,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels._regions import pyramid_regions
 from ..ops.oc_attention import oc_attention
 from .abn import InPlaceABNSync
 
 __all__ = [
+    "attention_torch",
+    "ATTENTION_PATHS",
     "SelfAttentionBlock2D",
     "PyramidSelfAttentionBlock2D",
     "BaseOCModule",
@@ -57,6 +66,76 @@ __all__ = [
 ]
 
 NormLayer = Callable[[int], nn.Module]
+
+#: values of the attention blocks' ``attention`` attribute
+ATTENTION_PATHS = ("fused", "torch")
+
+
+def _attend(q: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """B x Cv x n: ``out[:, :, i] = sum_j softmax_j(scale * <q_i, q_j>) v[:, :, j]`` for
+    B x C x n ``q`` and B x Cv x n ``v`` (float16/bfloat16: softmax in float32)."""
+    sim = torch.matmul(q.transpose(1, 2), q) * scale            # B x n x n (query, key)
+    if sim.dtype in (torch.float16, torch.bfloat16):
+        p = torch.softmax(sim.float(), dim=-1).to(v.dtype)
+    else:
+        p = torch.softmax(sim, dim=-1)
+    return torch.matmul(v, p.transpose(1, 2))                   # B x Cv x n
+
+
+def _attend_tiles(qk: torch.Tensor, v: torch.Tensor, scale: float, nr: int,
+                  nc: int) -> torch.Tensor:
+    """Attention within each of the nr x nc equal tiles of B x C x H x W ``qk`` / ``v``
+    (H = nr * th, W = nc * tw): the tiles go to the batch dimension, one batched
+    attention, and back (reshape / permute only)."""
+    h, w = qk.shape[2], qk.shape[3]
+    th, tw = h // nr, w // nc
+
+    def split(t):
+        c = t.shape[1]
+        return (t.reshape(-1, c, nr, th, nc, tw).permute(0, 2, 4, 1, 3, 5)
+                .reshape(-1, c, th * tw))
+
+    out = _attend(split(qk), split(v), scale)           # (B nr nc) x Cv x (th tw)
+    cv = v.shape[1]
+    return (out.reshape(-1, nr, nc, cv, th, tw).permute(0, 3, 1, 4, 2, 5)
+            .reshape(-1, cv, h, w))
+
+
+def attention_torch(qk: torch.Tensor, v: torch.Tensor, scale: float,
+                    regions: int = 0) -> torch.Tensor:
+    """:func:`lipfast.ops.oc_attention`'s output (not its log-sum-exp) in plain PyTorch:
+    B x Cv x H x W with ``out[b, :, n] = sum_m softmax_m(scale * <qk_n, qk_m>) v[b, :, m]``
+    over the H*W positions, or, for ``regions = s > 1``, within each of the s x s
+    pyramid regions of :func:`lipfast.ops.pyramid_regions` (the regions of equal
+    size are batched: at most four attention calls, the interior regions, the
+    last row, the last column and the corner, reassembled with ``torch.cat``).
+
+    Written with ``matmul`` / ``softmax`` / slicing / reshapes only, so
+    ``torch.export`` and ``torch.onnx.export`` trace it (H, W and ``regions`` are
+    Python ints in the graph; the batch may be dynamic). Unlike the fused op it
+    builds each region's n x n score matrix (float32 for float16/bfloat16 inputs):
+    meant for export and inference, not for large maps in training."""
+    if qk.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention_torch expects B x C x H x W tensors, got qk "
+                         f"{tuple(qk.shape)} and v {tuple(v.shape)}")
+    h, w = qk.shape[2], qk.shape[3]
+    if v.shape[2] != h or v.shape[3] != w:
+        raise ValueError(f"attention_torch: qk {tuple(qk.shape)} and v {tuple(v.shape)} must "
+                         "share the spatial size")
+    if regions > 1 and (regions > h or regions > w):
+        raise ValueError(f"attention_torch: {regions} x {regions} pyramid regions do not fit a "
+                         f"{h} x {w} map")
+    if regions <= 1:
+        return _attend(qk.flatten(2), v.flatten(2), scale).reshape(v.shape)
+    s = regions
+    table = pyramid_regions(h, w, s)
+    top, left = table[-1][0], table[-1][2]      # where the last row / column of regions start
+    blocks = []
+    for r0, r1, nr in ((0, top, s - 1), (top, h, 1)):
+        row = [_attend_tiles(qk[:, :, r0:r1, c0:c1], v[:, :, r0:r1, c0:c1], scale, nr, nc)
+               for c0, c1, nc in ((0, left, s - 1), (left, w, 1))]
+        blocks.append(torch.cat(row, dim=3))
+    return torch.cat(blocks, dim=2)
 
 
 def _norm(norm_layer: NormLayer | None) -> NormLayer:
@@ -115,7 +194,30 @@ def _check_input(x, in_channels: int, ref: torch.Tensor, owner: str) -> None:
 
 class _SelfAttentionBase(nn.Module):
     """Shared layers of the OCNet attention blocks (``f_key``, ``f_query``,
-    ``f_value``, ``W``); subclasses add ``pool`` first where they have one."""
+    ``f_value``, ``W``); subclasses add ``pool`` first where they have one.
+
+    ``attention`` (attribute, settable at any time): ``"fused"`` (default) runs
+    :func:`lipfast.ops.oc_attention`, ``"torch"`` runs :func:`attention_torch`
+    (plain PyTorch ops, for ``torch.export`` / ONNX; same values within rounding)."""
+
+    @property
+    def attention(self) -> str:
+        return getattr(self, "_attention", "fused")
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        if value not in ATTENTION_PATHS:
+            raise ValueError(f"{type(self).__name__}: attention must be one of "
+                             f"{ATTENTION_PATHS}, got {value!r}")
+        self._attention = value
+
+    def _attend(self, qk: torch.Tensor, v: torch.Tensor, regions: int = 0) -> torch.Tensor:
+        scale = self.key_channels ** -0.5
+        if self.attention == "torch":
+            return attention_torch(qk, v, scale, regions)
+        if regions:
+            return oc_attention(qk, v, scale, regions=regions)
+        return oc_attention(qk, v, scale)
 
     def _init_projections(self, in_channels, key_channels, value_channels, out_channels,
                           scale, legacy_double_projection):
@@ -157,6 +259,8 @@ class _SelfAttentionBase(nn.Module):
                f"scale={self.scale}")
         if self.legacy_double_projection:
             rep += ", legacy_double_projection=True"
+        if self.attention != "fused":
+            rep += f", attention={self.attention!r}"
         return rep
 
 
@@ -210,7 +314,7 @@ class SelfAttentionBlock2D(_SelfAttentionBase):
             x = self.pool(x)
         v = self.f_value(x)
         qk = self._qk(x)
-        context = oc_attention(qk, v, self.key_channels ** -0.5)
+        context = self._attend(qk, v)
         context = self.W(context)
         if self.scale > 1:
             context = F.interpolate(context, size=(h, w), mode="bilinear", align_corners=True)
@@ -247,7 +351,7 @@ class PyramidSelfAttentionBlock2D(_SelfAttentionBase):
             )
         v = self.f_value(x)
         qk = self._qk(x)
-        context = oc_attention(qk, v, self.key_channels ** -0.5, regions=self.scale)
+        context = self._attend(qk, v, regions=self.scale)
         return self.W(context)
 
 
