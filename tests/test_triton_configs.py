@@ -18,6 +18,7 @@ from lipfast.kernels import confusion_matrix as KC  # noqa: E402
 from lipfast.kernels import edge as KE  # noqa: E402
 from lipfast.kernels import lovasz as KL  # noqa: E402
 from lipfast.kernels import oc_attention as KO  # noqa: E402
+from lipfast.kernels import parse_postprocess as KP  # noqa: E402
 from lipfast.kernels import upsample_ce as KU  # noqa: E402
 from lipfast.kernels._regions import pyramid_regions  # noqa: E402
 
@@ -223,10 +224,56 @@ def _cm_case(name, kw):
         assert bad.tolist() == [0, 0]
 
 
+# -------------------------------------------------------------- parse_postprocess
+
+def _pp_ref(x, aff, ins, outs):
+    """Upsample (align_corners=True), bilinear warp with zero border, float64."""
+    u = F.interpolate(x, ins, mode="bilinear", align_corners=True)
+    k, c = x.shape[:2]
+    v = torch.zeros(k, c, *outs, dtype=torch.float64)
+    ys = torch.arange(outs[0], dtype=torch.float64)[:, None].expand(outs)
+    xs = torch.arange(outs[1], dtype=torch.float64)[None, :].expand(outs)
+    for i in range(k):
+        ax, bx, ay, by = aff[i].tolist()
+        qx, qy = ax * xs + bx, ay * ys + by
+        for dy in (0, 1):
+            for dx in (0, 1):
+                yy, xx = qy.floor().long() + dy, qx.floor().long() + dx
+                wy = 1 - (qy - qy.floor()) if dy == 0 else qy - qy.floor()
+                wx = 1 - (qx - qx.floor()) if dx == 0 else qx - qx.floor()
+                ok = (yy >= 0) & (yy < ins[0]) & (xx >= 0) & (xx < ins[1])
+                val = u[i][:, yy.clamp(0, ins[0] - 1), xx.clamp(0, ins[1] - 1)]
+                v[i] += torch.where(ok, wy * wx, 0.0) * val
+    return v
+
+
+def _pp_case(name, kw):
+    c = kw["BLOCK_C"] + 3  # two channel blocks
+    ow = 23
+    oh = (kw["BLOCK_P"] + 37 + ow - 1) // ow  # more pixels than one block
+    _check_kept(name, kw, dict(C=c, N=oh * ow))
+    g = torch.Generator().manual_seed(c + oh)
+    x = torch.randn(2, c, 5, 4, generator=g, dtype=torch.float64) * 3
+    ins = (9, 7)
+    aff = torch.tensor([[7 / ow * 1.2, -1.0, 9 / oh * 0.9, 0.5],
+                        [7 / ow * 0.7, 2.0, 9 / oh * 1.3, -1.5]], dtype=torch.float64)
+    v = _pp_ref(x, aff, ins, (oh, ow))
+    p = torch.softmax(v, 1)
+    for maps, fg in ((1, True), (2, False)):
+        lab, m, f = KP.parse_postprocess(x.to(DEV, DT), aff.to(DEV), *ins, oh, ow, maps, fg,
+                                         config=kw)
+        assert torch.equal(lab.cpu().long(), v.argmax(1))
+        torch.testing.assert_close(m.double().cpu(), p if maps == 1 else v, **TOL)
+        if fg:
+            torch.testing.assert_close(f.double().cpu(), 1 - p[:, 0], **TOL)
+    last = _tuning.SPECS[name].last
+    assert all(last.kwargs[key] == val for key, val in kw.items() if key in last.kwargs)
+
+
 CASES = {"oc_attention.fwd": _oc_case, "oc_attention.bwd_dv": _oc_case,
          "oc_attention.bwd_dx": _oc_case, "upsample_ce.fwd": _uce_case,
          "upsample_ce.bwd": _uce_case, "lovasz": _lovasz_case, "edge": _edge_case,
-         "confusion_matrix": _cm_case}
+         "confusion_matrix": _cm_case, "parse_postprocess": _pp_case}
 
 
 @pytest.mark.parametrize("name,kw", _params())

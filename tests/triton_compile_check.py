@@ -53,6 +53,7 @@ from lipfast.kernels import edge as KE  # noqa: E402
 from lipfast.kernels import lovasz as KL  # noqa: E402
 from lipfast.kernels import oc_attention as K  # noqa: E402
 from lipfast.kernels import upsample_ce as KU  # noqa: E402
+from lipfast.kernels import parse_postprocess as KP  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAUNCH_KEYS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override"}
@@ -136,7 +137,22 @@ def _confusion_matrix_cases(dt):
         x(150, 9, 9), lab(150, 9, 9, torch.uint8), 150, False)
 
 
-CASES = [_oc_cases, _upsample_ce_cases, _confusion_matrix_cases, _lovasz_cases, _edge_cases]
+def _parse_postprocess_cases(dt):
+    # the op's Triton path takes float32 logits only (float64: its PyTorch path),
+    # whatever dtype the run is for (repeats compile once)
+    aff = torch.tensor([[0.47, 3.0, 0.47, -2.0]], dtype=torch.float64)
+    def run(maps, fg, cl=False):
+        x = torch.randn(1, 20, 30, 30)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        KP.parse_postprocess(x, aff, 119, 119, 250, 190, maps, fg)
+    yield "C=20 labels", True, lambda: run(0, False)
+    yield "C=20 probs + fg", True, lambda: run(1, True)
+    yield "C=20 logits channels_last", False, lambda: run(2, False, True)
+
+
+CASES = [_oc_cases, _upsample_ce_cases, _confusion_matrix_cases, _lovasz_cases, _edge_cases,
+         _parse_postprocess_cases]
 
 
 def capture(launch):

@@ -10,7 +10,7 @@ buckets of its sizes and on the dtypes, after dropping the configurations whose
 estimated registers or shared memory exceed the device's limits. Kernel names:
 ``oc_attention.fwd``, ``oc_attention.bwd_dv``, ``oc_attention.bwd_dx``,
 ``upsample_ce.fwd``, ``upsample_ce.bwd``, ``lovasz``, ``edge``,
-``confusion_matrix``.
+``confusion_matrix``, ``parse_postprocess``.
 
 Reproducible runs pin configurations:
 
@@ -36,7 +36,8 @@ _warned: set[str] = set()
 _pins: dict[str, dict] = {}
 
 KERNEL_NAMES = ("oc_attention.fwd", "oc_attention.bwd_dv", "oc_attention.bwd_dx",
-                "upsample_ce.fwd", "upsample_ce.bwd", "lovasz", "edge", "confusion_matrix")
+                "upsample_ce.fwd", "upsample_ce.bwd", "lovasz", "edge", "confusion_matrix",
+                "parse_postprocess")
 
 
 def pin_config(kernel_name: str, **config) -> None:

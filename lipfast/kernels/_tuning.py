@@ -3,7 +3,8 @@ Triton kernels.
 
 Every kernel is registered here under a name (``oc_attention.fwd``,
 ``oc_attention.bwd_dv``, ``oc_attention.bwd_dx``, ``upsample_ce.fwd``,
-``upsample_ce.bwd``, ``lovasz``, ``edge``, ``confusion_matrix``) with
+``upsample_ce.bwd``, ``lovasz``, ``edge``, ``confusion_matrix``,
+``parse_postprocess``) with
 
 - a configuration space: a list of ``triton.Config`` (block sizes, the number of
   value/key-width passes where there is one, ``num_warps``, ``num_stages``); the

@@ -18,7 +18,9 @@ Triton); the fake kernels; the autograd formula; the checks the op itself needs.
 - :mod:`.edge`: ``generate_edge`` (user API: :mod:`lipfast.losses.edge`);
 - :mod:`.lovasz`: ``lovasz_softmax_loss`` (user API: :mod:`lipfast.losses.lovasz`);
 - :mod:`.confusion_matrix`: ``confusion_matrix``, ``confusion_matrix_accumulate``
-  (user API: :mod:`lipfast.metrics.confusion`).
+  (user API: :mod:`lipfast.metrics.confusion`);
+- :mod:`.parse_postprocess`: ``parse_postprocess`` (SCHP's upsample + affine warp
+  + argmax/softmax post-processing, fused) and the functional ``parse_postprocess``.
 
 Importing this package registers all of them. ``pyramid_regions`` (OCNet's
 pyramid region table) lives in :mod:`lipfast.kernels._regions`, re-exported here.
@@ -27,6 +29,8 @@ pyramid region table) lives in :mod:`lipfast.kernels._regions`, re-exported here
 from . import confusion_matrix, edge, lovasz, upsample_ce  # noqa: F401  (register the ops)
 from .abn import inplace_abn, inplace_abn_sync
 from .oc_attention import oc_attention, pyramid_regions
+from .parse_postprocess import parse_postprocess
 from .relu_conv import relu_conv2d
 
-__all__ = ["inplace_abn", "inplace_abn_sync", "oc_attention", "pyramid_regions", "relu_conv2d"]
+__all__ = ["inplace_abn", "inplace_abn_sync", "oc_attention", "parse_postprocess",
+           "pyramid_regions", "relu_conv2d"]
