@@ -115,6 +115,21 @@ def bench_rows(name: str, data: dict) -> list[list[str]]:
                 case = r["config"] + (f" max B {d['max_batch']}" if "max_batch" in d else "")
                 rows.append([name, case, st, _f(d.get("ms")), _floor(fl),
                              _frac((fl or {}).get("fraction")), _model(fl)])
+    elif name.startswith("parse"):  # no floor: whole pipelines
+        n = len(data.get("images", []))
+        for r in data.get("rows", []):
+            rows.append([name, f"{n} images, ms / image", r["pipeline"],
+                         _f(r.get("ms_per_image")), "-", "-", "-"])
+        fw = data.get("forward")
+        if fw and fw.get("forward_ms_per_image") is not None:
+            rows.append([name, f"model forward alone, ms / image "
+                               f"({100 * fw['share_of_lipfast_batch']:.0f}% of the batch row)",
+                         "lipfast", _f(fw["forward_ms_per_image"]), "-", "-", "-"])
+        pp = data.get("postprocess")
+        for r in (pp or {}).get("rows", []):
+            rows.append([name, f"post-processing {'x'.join(map(str, pp['logits_shape']))} -> "
+                               f"{pp['out_hw'][0]}x{pp['out_hw'][1]}", r["impl"],
+                         _f(r.get("ms")), "-", "-", "-"])
     return rows
 
 

@@ -19,7 +19,8 @@
 #                and the H200 data sheet: --model h200)
 #   tests_rest   the other CUDA tests
 #   bench_full   the full shapes: attn bf16, attn fp32, abn, abn bf16, loss, miou,
-#                train_step, then train_step --max-batch
+#                train_step, parse (lipfast.Parser bf16 vs SCHP's extractor), then
+#                train_step --max-batch
 #   resources    nvcc -Xptxas -v of the CUDA kernels (registers, spills)
 #   memcheck     compute-sanitizer memcheck over the CUDA kernels' tests
 #   tests_cpu    (on request only) the non-GPU tests as CI runs them
@@ -58,7 +59,7 @@ for a in "$@"; do
   case $a in
     --dry-run) MODE=dry ;;
     --plan) MODE=plan ;;
-    -h|--help) sed -n '2,49p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,50p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pos+=("$a") ;;
   esac
 done
@@ -278,6 +279,7 @@ if want bench_quick; then
   step loss_quick bench_quick 40 bench "$PY" benchmarks/loss.py --quick --no-rss "${CEIL[@]}" --json "$L/loss_quick.json"
   step miou_quick bench_quick 30 bench "$PY" benchmarks/miou.py --quick "${CEIL[@]}" --json "$L/miou_quick.json"
   step train_step_quick bench_quick 60 bench "$PY" benchmarks/train_step.py --quick "${CEIL[@]}" --json "$L/train_step_quick.json"
+  step parse_quick bench_quick 30 bench "$PY" benchmarks/parse.py --quick --json "$L/parse_quick.json"
 fi
 if want tests_rest; then  # every other CUDA test
   step tests_rest tests_rest 150 pytest "$PY" -m pytest -v -rfEs -p no:cacheprovider -m cuda tests \
@@ -291,6 +293,7 @@ if want bench_full; then
   step loss bench_full 90 bench "$PY" benchmarks/loss.py --full --no-rss "${CEIL[@]}" --json "$L/loss.json"
   step miou bench_full 60 bench "$PY" benchmarks/miou.py "${CEIL[@]}" --json "$L/miou.json"
   step train_step bench_full 120 bench "$PY" benchmarks/train_step.py "${CEIL[@]}" --json "$L/train_step.json"
+  step parse bench_full 90 bench "$PY" benchmarks/parse.py --dtype bf16 --images 8 --json "$L/parse.json"
   step train_step_max_batch bench_full 240 bench "$PY" benchmarks/train_step.py --max-batch --no-floor --json "$L/train_step_max_batch.json"
 fi
 if want resources; then

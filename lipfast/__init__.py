@@ -2,9 +2,10 @@
 
 Importing lipfast loads the compiled extension ``lipfast._C`` (building it just
 in time when the installed one is missing or was built for another torch) and
-registers the ops under ``torch.ops.lipfast``. Subpackages: ``nn`` (ABN, OC modules),
-``ops``, ``losses``, ``metrics``, ``models`` (CE2P), ``data`` (LIP), ``patch``;
-``python -m lipfast.train`` / ``python -m lipfast.evaluate`` are the tools.
+registers the ops under ``torch.ops.lipfast``. Subpackages: ``nn`` (ABN, OC
+modules), ``ops``, ``losses``, ``metrics``, ``models`` (CE2P), ``data`` (LIP),
+``patch``; :class:`lipfast.Parser` parses photos with SCHP's models. The tools:
+``python -m lipfast.train`` / ``evaluate`` / ``parse`` / ``export``.
 
 Layers, bottom up: ``kernels`` (Triton, imports nothing from lipfast above it) ->
 ``ops`` (every op's Python registration, ``lipfast/ops/<op>.py``) -> ``nn``,
@@ -35,6 +36,16 @@ from .ops import inplace_abn, inplace_abn_sync, oc_attention
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # lipfast.Parser is imported on first use, so that ``python -m lipfast.parse``
+    # does not find lipfast.parse already imported by the package.
+    if name in ("Parser", "Parsing"):
+        from . import parse
+
+        return getattr(parse, name)
+    raise AttributeError(f"module 'lipfast' has no attribute {name!r}")
+
 __all__ = [
     "ABN",
     "InPlaceABN",
@@ -58,4 +69,6 @@ __all__ = [
     "models",
     "patch",
     "oc_attention",
+    "Parser",
+    "Parsing",
 ]

@@ -139,19 +139,22 @@ def _legend_entries(num_classes: int, class_names=None) -> list:
     return [(c, str(class_names[c])) for c in range(num_classes)] + [(255, "ignore (255)")]
 
 
-def vis_layout(height: int, width: int, num_classes: int, class_names=None) -> dict:
+def vis_layout(height: int, width: int, num_classes: int, class_names=None,
+               panels: int = 3) -> dict:
     """Geometry of a ``--vis`` picture for an ``height`` x ``width`` image:
     ``scale`` (integer upscaling of the panels), ``size`` (W, H of the picture),
-    ``panels`` (three (x0, y0, x1, y1) boxes: input, ground truth, prediction),
-    ``legend`` (its box) and ``swatches`` ({class: box of its colour square})."""
+    ``panels`` (``panels`` (x0, y0, x1, y1) boxes side by side; by default input,
+    ground truth, prediction), ``legend`` (its box) and ``swatches`` ({class: box
+    of its colour square})."""
     from PIL import Image, ImageDraw
 
     k = max(1, math.ceil(VIS_MIN_HEIGHT / max(1, int(height))))
     pw, ph = k * int(width), k * int(height)
     m, gap = _VIS_MARGIN, _VIS_GAP
-    total_w = 2 * m + 3 * pw + 2 * gap
+    n = int(panels)
+    total_w = 2 * m + n * pw + (n - 1) * gap
     top = m + _VIS_TITLE
-    panels = [(m + i * (pw + gap), top, m + i * (pw + gap) + pw, top + ph) for i in range(3)]
+    panels = [(m + i * (pw + gap), top, m + i * (pw + gap) + pw, top + ph) for i in range(n)]
     font = _font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     entries = _legend_entries(num_classes, class_names)
@@ -170,37 +173,48 @@ def vis_layout(height: int, width: int, num_classes: int, class_names=None) -> d
             "swatches": swatches, "cell": cell, "entries": entries}
 
 
-def side_by_side(rgb, label, pred, num_classes: int, class_names=None):
-    """The ``--vis`` picture (a PIL RGB image) of one sample: ``rgb`` (H x W x 3
-    uint8), ``label`` and ``pred`` (H x W class maps), see :func:`vis_layout`."""
+def picture(rgb, maps, titles, num_classes: int, class_names=None):
+    """A PIL RGB picture: ``rgb`` (H x W x 3 uint8) and the H x W class ``maps``
+    side by side under ``titles`` (one per panel, the image's first), with a
+    colour legend naming the classes (those in none of the maps in grey), see
+    :func:`vis_layout`."""
     from PIL import Image, ImageDraw
 
     rgb = torch.as_tensor(rgb)
     h, w = int(rgb.shape[0]), int(rgb.shape[1])
-    lay = vis_layout(h, w, num_classes, class_names)
+    lay = vis_layout(h, w, num_classes, class_names, panels=1 + len(maps))
     k = lay["scale"]
     im = Image.new("RGB", lay["size"], (255, 255, 255))
     d = ImageDraw.Draw(im)
     font = _font()
-    tiles = [Image.fromarray(rgb.numpy(), "RGB").resize((k * w, k * h), Image.BICUBIC),
-             Image.fromarray(_colour(label).numpy(), "RGB").resize((k * w, k * h), Image.NEAREST),
-             Image.fromarray(_colour(pred).numpy(), "RGB").resize((k * w, k * h), Image.NEAREST)]
-    for tile, box, title in zip(tiles, lay["panels"], ("input", "ground truth", "prediction")):
+    tiles = [Image.fromarray(rgb.numpy(), "RGB").resize((k * w, k * h), Image.BICUBIC)]
+    tiles += [Image.fromarray(_colour(m).numpy(), "RGB").resize((k * w, k * h), Image.NEAREST)
+              for m in maps]
+    for tile, box, title in zip(tiles, lay["panels"], titles):
         im.paste(tile, box[:2])
         tw = d.textlength(title, font=font)
         d.text(((box[0] + box[2] - tw) / 2, _VIS_MARGIN + 3), title, fill=(0, 0, 0), font=font)
-    present = set(torch.as_tensor(label).unique().tolist()) | set(
-        torch.as_tensor(pred).unique().tolist())
+    present = set()
+    for m in maps:
+        present |= set(torch.as_tensor(m).unique().tolist())
     pal = lip_palette()
     for c, name in lay["entries"]:
         if c == 255 and 255 not in present:
-            continue  # the ignore entry only where the ground truth has it
+            continue  # the ignore entry only where a map has it
         x0, y0, x1, y1 = lay["swatches"][c]
         d.rectangle([x0, y0, x1 - 1, y1 - 1], fill=tuple(pal[3 * c:3 * c + 3]),
                     outline=(90, 90, 90))
         d.text((x1 + 6, y0 - 1), name, font=font,
                fill=(0, 0, 0) if c in present else (165, 165, 165))
     return im
+
+
+def side_by_side(rgb, label, pred, num_classes: int, class_names=None):
+    """The ``--vis`` picture (a PIL RGB image) of one sample: ``rgb`` (H x W x 3
+    uint8), ``label`` and ``pred`` (H x W class maps): input | ground truth |
+    prediction (:func:`picture`)."""
+    return picture(rgb, [label, pred], ("input", "ground truth", "prediction"), num_classes,
+                   class_names)
 
 
 def _side_by_side(meta, label, pred, path: str, num_classes: int, class_names=None) -> None:
