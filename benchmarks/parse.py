@@ -27,6 +27,7 @@ num_batches_tracked) in a temporary folder. Both sides load that file:
                 the device, the model folded for inference, one fused
                 post-processing op, labels as CPU tensors).
   lipfast-bN    the same with batch_size=N (--batch, default 8).
+  lipfast-bN-compiled  (with --compile) the same with lipfast.Parser(compile=True).
   lipfast-bN forward   the model forward alone (Parser._logits) on the Parser's own
                 normalised batch of the first N images: the share of lipfast-bN's
                 time spent in the model is (forward ms / N) / (lipfast-bN ms / image).
@@ -79,8 +80,9 @@ ten minutes on 2 cores, ``--images 4`` halves it); ``--quick``: a reduced model 
 width x0.25), 4 small images (96x72 ... 50x75), 1 warm-up and 3 rounds, post-
 processing to 120x90 (seconds; what the smoke test runs; figures not for quoting).
 ``--dtype bf16`` runs lipfast's model in bfloat16 (fastest on GPUs; logits are
-post-processed in float32); ``--channels-last`` on/off (default: on on CUDA, as
-lipfast.Parser). ``--json PATH`` writes the rows and the environment record (first after the
+post-processed in float32); ``--channels-last`` on/off (default: lipfast.Parser's,
+on); on the CPU the Parser runs its model one crop at a time within a batch
+(its ``forward_batch`` default), warping and post-processing batched. ``--json PATH`` writes the rows and the environment record (first after the
 pipeline row with ``"partial": true``, so a run cut off keeps it, then complete).
 On a CPU where other processes keep half the cores or more busy at the start,
 the run uses one thread unless --threads says otherwise.
@@ -258,18 +260,20 @@ def pipeline_names(args) -> list[str]:
     if args.dtype != "fp32":
         names.append(f"schp-{args.dtype}")
     names += ["lipfast-b1"] + ([f"lipfast-b{args.batch}"] if args.batch != 1 else [])
+    if args.compile:
+        names.append(f"lipfast-b{args.batch}-compiled")
     return names
 
 
-def make_parser(ckpt: str, device, args):
+def make_parser(ckpt: str, device, args, compile: bool = False):
     return lipfast.Parser(ckpt, dataset=DATASET, device=device, dtype=DTYPES[args.dtype],
-                          flip=False, scales=(1.0,), compile=False, fold=not args.no_fold,
+                          flip=False, scales=(1.0,), compile=compile, fold=not args.no_fold,
                           channels_last=_channels_last(args, device))
 
 
 def _channels_last(args, device) -> bool | None:
     if args.channels_last == "auto":
-        return None  # lipfast.Parser's default: on on CUDA
+        return None  # lipfast.Parser's default (on)
     return args.channels_last == "on"
 
 
@@ -292,6 +296,12 @@ def make_pipelines(names, ckpt: str, cfg: dict, paths, device, args) -> tuple[di
             def run(model=model, dtype=dtype):
                 return [ref.schp_extract(model, ref.schp_read(p), setting, "cv2", device,
                                          dtype)[0] for p in paths]
+        elif name.endswith("-compiled"):
+            bs = int(name.split("-b")[1].split("-")[0])
+            compiled = make_parser(ckpt, device, args, compile=True)
+
+            def run(bs=bs, compiled=compiled):
+                return compiled(list(paths), batch_size=bs)
         else:
             bs = int(name.split("-b")[1])
             if parser is None:
@@ -531,8 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "with another than fp32 a schp-<dtype> row runs SCHP's pipeline in it "
                          "too (the schp row stays float32, as SCHP)")
     ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                    help="lipfast.Parser's channels_last (auto: on on CUDA), also used by the "
+                    help="lipfast.Parser's channels_last (auto: the Parser's default, on), also used by the "
                          "schp-<dtype> row (the schp row is contiguous, as SCHP)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a lipfast-bN-compiled row: lipfast.Parser(compile=True) (on the "
+                         "CPU inductor with freezing); its compilation falls in the warm-up")
     ap.add_argument("--no-fold", action="store_true",
                     help="lipfast.Parser(fold=False): keep the norms as modules")
     ap.add_argument("--batch", type=int, default=8, help="lipfast's batch row (default 8)")

@@ -490,8 +490,14 @@ def test_batch_size_does_not_change_results(models):
     imgs = [_image(h, w, seed=20 + k) for k, (h, w) in enumerate(SIZES)]
     a = parser(imgs, batch_size=1, bgr=True)
     b = parser(imgs, batch_size=3, bgr=True)
-    for x, y in zip(a, b):
-        assert _agreement(x, y) >= 0.999
+    whole = Parser(models["lip"], dataset="lip", device="cpu", forward_batch=0,
+                   channels_last=False)
+    assert parser.forward_batch == 1 and parser.channels_last   # the CPU defaults
+    c = whole(imgs, batch_size=4, bgr=True)
+    for x, y, z in zip(a, b, c):
+        assert _agreement(x, y) >= 0.999 and _agreement(x, z) >= 0.999
+    with pytest.raises(ValueError, match="forward_batch"):
+        Parser(models["lip"], dataset="lip", device="cpu", forward_batch=-1)
 
 
 def test_lipfast_parser_attribute():
@@ -610,3 +616,13 @@ def test_cuda_parser_matches_cpu(models, dtype):
     rc = Parser(model, dataset="lip", device="cpu")(imgs, boxes=boxes, bgr=True)
     rg = Parser(model, dataset="lip", device="cuda", dtype=dtype)(imgs, boxes=boxes, bgr=True)
     assert _agreement(rc[0].instances, rg[0].instances) >= need
+
+
+@pytest.mark.slow
+def test_compiled_parser_agrees(models):
+    """compile=True (inductor, with freezing on the CPU) gives the eager labels."""
+    imgs = [_image(37, 53, seed=40), _image(61, 29, seed=41)]
+    eager = Parser(models["pascal"], dataset="pascal", device="cpu")(imgs, bgr=True)
+    compiled = Parser(models["pascal"], dataset="pascal", device="cpu", compile=True)
+    for a, b in zip(eager, compiled(imgs, bgr=True)):
+        assert _agreement(a, b) >= 0.999
