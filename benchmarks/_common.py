@@ -92,3 +92,46 @@ def environment(device: torch.device, script: str | None = None, argv=None) -> d
     if script is not None:
         env["command"] = command(script, argv)
     return env
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident set size from now on (``growth()``: bytes above the level at
+    construction): the kernel's high-water mark (VmHWM) reset through
+    /proc/self/clear_refs, or, where that is refused, a 1 ms sampling thread."""
+
+    def __init__(self):
+        self.base = rss_bytes()
+        self.thread = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.how = "VmHWM"
+        except OSError:
+            import threading
+
+            self.how = "sampled"
+            self.peak, self.stop = self.base, threading.Event()
+
+            def sample():
+                while not self.stop.wait(0.001):
+                    self.peak = max(self.peak, rss_bytes())
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+
+    def growth(self) -> int:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            return max(0, self.peak - self.base)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(0, int(line.split()[1]) * 1024 - self.base)
+        return 0

@@ -100,7 +100,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -112,7 +111,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import _timing  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import PeakRSS, environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 
@@ -359,48 +358,9 @@ def agreement(a_list, b_list) -> float:
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _malloc_trim() -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class _PeakRSS:
-    """Peak resident set size from now on: VmHWM reset through /proc/self/clear_refs,
-    or, where that is refused, a 1 ms sampling thread."""
-
-    def __init__(self):
-        self.base = _rss_bytes()
-        self.thread = None
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.how = "VmHWM"
-        except OSError:
-            self.how = "sampled"
-            self.peak, self.stop = self.base, threading.Event()
-
-            def sample():
-                while not self.stop.wait(0.001):
-                    self.peak = max(self.peak, _rss_bytes())
-
-            self.thread = threading.Thread(target=sample, daemon=True)
-            self.thread.start()
-
-    def growth(self) -> int:
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            return max(0, self.peak - self.base)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(0, int(line.split()[1]) * 1024 - self.base)
-        return 0
 
 
 def _sync(device):
@@ -420,7 +380,7 @@ def peak_memory(fn, device) -> dict:
         return dict(peak_MiB=(torch.cuda.max_memory_allocated(device) - base) / 2**20,
                     how="cuda max_memory_allocated")
     _malloc_trim()
-    rss = _PeakRSS()
+    rss = PeakRSS()
     fn()
     return dict(peak_MiB=rss.growth() / 2**20, how=f"RSS peak ({rss.how})",
                 base_rss_MiB=rss.base / 2**20)

@@ -85,7 +85,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import PeakRSS, environment  # noqa: E402
 from loss import labels_like, schp_eager, schp_generate_edge_tensor  # noqa: E402
 
 import lipfast.nn.oc as _oc  # noqa: E402
@@ -133,47 +133,6 @@ def eager_attention():
 
 
 # ----------------------------------------------------------------- one stack
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRSS:
-    """Peak resident set size from now on: the kernel's high-water mark (VmHWM) reset
-    through /proc/self/clear_refs, or, where that is refused, a 1 ms sampling thread."""
-
-    def __init__(self):
-        self.base = _rss_bytes()
-        self.thread = None
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.how = "VmHWM"
-        except OSError:
-            import threading
-
-            self.how = "sampled"
-            self.peak, self.stop = self.base, threading.Event()
-
-            def sample():
-                while not self.stop.wait(0.001):
-                    self.peak = max(self.peak, _rss_bytes())
-
-            self.thread = threading.Thread(target=sample, daemon=True)
-            self.thread.start()
-
-    def growth(self) -> int:
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join()
-            return max(0, self.peak - self.base)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(0, int(line.split()[1]) * 1024 - self.base)
-        return 0
-
-
 def build(config: str, stack: str, quick: bool, device, seed: int = 0):
     context, os_ = CONFIGS[config]
     kw = dict(layers=(1, 1, 1, 1), width_mult=0.25) if quick else {}
@@ -242,7 +201,7 @@ def run_stack(config, stack, quick, batch, size, reps, warmup, device, amp, seed
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        rss = _PeakRSS()
+        rss = PeakRSS()
     for i in range(reps):
         st.step(2000 + i)
     _sync(device)

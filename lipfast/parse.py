@@ -47,7 +47,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Shared by test_fold.py and test_export.py: small randomised CE2P models and a
-detector of lipfast ops."""
+"""Shared by test_fold.py, test_export.py and test_oc_modules.py: randomised
+modules, small randomised CE2P models and a detector of lipfast ops."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,10 +10,11 @@ from lipfast.models import CE2P
 FOLD_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-def randomize(module, seed=0):
+def randomize(module, seed=0, var_range=(0.3, 1.8)):
     """Every parameter and running statistic from a seeded generator: norm weights of
     both signs (so |w| + eps matters for the in-place norms), running means and
-    variances away from 0 / 1, the OC blocks' zero-initialised W too."""
+    variances (uniform in ``var_range``) away from 0 / 1, the OC blocks'
+    zero-initialised W too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         seen = set()
@@ -22,7 +23,8 @@ def randomize(module, seed=0):
                 continue
             seen.add(id(t))
             if name.endswith("running_var"):
-                val = torch.rand(t.shape, generator=g, dtype=torch.float64) * 1.5 + 0.3
+                val = (torch.rand(t.shape, generator=g, dtype=torch.float64)
+                       * (var_range[1] - var_range[0]) + var_range[0])
             elif name.endswith("running_mean"):
                 val = torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.3
             elif t.dim() == 4:  # conv weight

@@ -6,6 +6,7 @@ mismatch), a folder given as a checkpoint, and bad norm statistics."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -190,6 +191,22 @@ def test_not_a_ce2p_state_dict_is_a_clear_error(tmp_path):
     torch.save({"state_dict": {"module.fc.weight": torch.zeros(3, 3)}}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match=r"x.pth.*fushion.3.weight"):
         checkpoint_config(read_checkpoint(tmp_path / "x.pth"))
+
+
+def test_unreadable_or_pickled_file_refused_without_unsafe_advice(tmp_path):
+    """A file torch.load(weights_only=True) refuses (not a checkpoint, or pickled
+    Python objects): a ValueError naming the file, never the advice to load it with
+    weights_only=False."""
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+
+    obj = tmp_path / "object.pth"  # training scripts often pickle their argparse options
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.01)}, obj)
+    for path in (text, obj):
+        with pytest.raises(ValueError, match="weights_only=True") as info:
+            read_checkpoint(path)
+        assert str(path) in str(info.value) and "weights_only=False" not in str(info.value)
+        assert "never loads" in str(info.value)
 
 
 def test_schp_flag_needs_a_lipfast_train_checkpoint(tiny_files, data):

@@ -22,6 +22,7 @@ import lipfast.nn.oc as oc
 from lipfast.ops import abn as abn_ops
 
 from abn_reference import inplace_abn_reference
+from fold_helpers import randomize as _randomize
 
 
 @pytest.fixture(autouse=True)
@@ -220,26 +221,7 @@ def ocnet_layout(state_dict):
 
 def randomize(module, seed=0):
     """Every parameter and running statistic from a seeded generator (W included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        seen = set()
-        for name, t in module.state_dict(keep_vars=True).items():
-            if id(t) in seen or name.endswith("num_batches_tracked"):
-                continue
-            seen.add(id(t))
-            if name.endswith("running_var"):
-                val = torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5
-            elif name.endswith("running_mean"):
-                val = torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.3
-            elif t.dim() == 4:  # conv weight
-                val = torch.randn(t.shape, generator=g, dtype=torch.float64) * (
-                    1.5 / t[0].numel() ** 0.5)
-            elif name.endswith("bias"):
-                val = torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.3
-            else:  # norm weight: mixed signs
-                val = torch.randn(t.shape, generator=g, dtype=torch.float64)
-            t.copy_(val.to(t.dtype))
-    return module
+    return _randomize(module, seed, var_range=(0.5, 1.5))
 
 
 def pair(lip_cls, ref_cls, args, kwargs=None, ref_kwargs=None, dtype=torch.float64, seed=0,

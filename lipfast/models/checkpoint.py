@@ -52,6 +52,7 @@ ABN of SCHP/CE2P/OCNet has none) are never reported as missing.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
@@ -174,6 +175,14 @@ def read_checkpoint(path) -> Checkpoint:
                                 "weights; pass the path of a local file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text suggests weights_only=False: lipfast never does that
+        why = str(exc).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
+        why = " ".join(why.split()) or type(exc).__name__
+        raise ValueError(
+            f"cannot read checkpoint {path!r}: torch.load(weights_only=True) refused it ({why}): "
+            "it is not a PyTorch checkpoint, it is damaged, or it holds pickled Python objects, "
+            "which lipfast never loads (loading them could run code)") from exc
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "hparams" in obj:
