@@ -194,7 +194,16 @@ def test_warp_label_matches_reference(rot):
     c, s = box_to_center_scale(15, 10, 7 / 9)
     m = affine_matrix(c, (s[0] * 1.2, s[1] * 1.2), rot, (9, 7))
     out = warp_label(torch.from_numpy(lab), m, (9, 7))
-    np.testing.assert_array_equal(out.numpy(), ref_nearest(lab, m.numpy(), (9, 7)))
+    want = ref_nearest(lab, m.numpy(), (9, 7))
+    # a source coordinate within 1e-9 of a half pixel is a tie that the last bit of
+    # the matrix inverse decides (it differs between CPUs and BLAS builds)
+    inv = np.linalg.inv(m.numpy())
+    yy, xx = np.mgrid[0:9, 0:7]
+    sx = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+    sy = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+    tie = (np.abs((sx % 1) - 0.5) < 1e-9) | (np.abs((sy % 1) - 0.5) < 1e-9)
+    assert tie.mean() < 0.25
+    np.testing.assert_array_equal(out.numpy()[~tie], want[~tie])
     assert (out == 255).any()  # scale 1.2 leaves a border
 
 
