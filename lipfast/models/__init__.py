@@ -3,7 +3,8 @@ AugmentCE2P, with PSP or OCNet object-context heads) and local checkpoint
 reading: lipfast.train checkpoints, SCHP's released checkpoints and plain
 state_dicts, the model chosen from the keys (:func:`model_from_checkpoint`);
 :func:`fold_norms` (norms folded into the convolutions, for inference and
-export).
+export); :class:`HRNetV2` (HRNet-Semantic-Segmentation's segmentation HRNet,
+key for key, with lipfast's norms; :mod:`lipfast.models.hrnet`).
 See :mod:`lipfast.models.ce2p` and :mod:`lipfast.models.checkpoint`."""
 
 from .ce2p import CE2P, CONTEXTS, LIP_MEAN, LIP_STD, NORMS, BatchNormAct, Bottleneck
@@ -20,6 +21,7 @@ from .checkpoint import (
     read_state_dict,
 )
 from .fold import fold_norms
+from .hrnet import HRNET_MEAN, HRNET_STD, HRNetV2
 
 __all__ = [
     "CE2P",
@@ -37,6 +39,9 @@ __all__ = [
     "load_checkpoint",
     "load_imagenet",
     "fold_norms",
+    "HRNetV2",
+    "HRNET_MEAN",
+    "HRNET_STD",
     "model_from_checkpoint",
     "read_checkpoint",
     "read_state_dict",
