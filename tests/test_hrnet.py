@@ -147,3 +147,47 @@ def test_shapes_at_lip_size(width):
         xs = model.features(torch.randn(1, 3, 473, 473))
         assert [t.shape[-1] for t in xs] == [119, 60, 30, 15]
         assert [t.shape[1] for t in xs] == [width, 2 * width, 4 * width, 8 * width]
+
+
+def test_imagenet_init_skips_classifier_keys(tmp_path):
+    """Their ImageNet file: the segmentation keys plus classifier-only modules; the
+    classifier keys are skipped and reported, last_layer keeps its initialisation."""
+    from lipfast.models import load_imagenet
+
+    _, ref = _randomized_pair(seed=3)
+    sd = {k: v.float() for k, v in _no_counter(ref.state_dict()).items()
+          if not k.startswith("last_layer")}
+    extra = {"incre_modules.0.0.conv1.weight": torch.zeros(32, 18, 1, 1),
+             "downsamp_modules.0.0.weight": torch.zeros(256, 128, 3, 3),
+             "final_layer.0.weight": torch.zeros(2048, 1024, 1, 1),
+             "classifier.weight": torch.zeros(1000, 2048)}
+    torch.save({**sd, **extra}, tmp_path / "hrnetv2_w18_imagenet_pretrained.pth")
+    model = HRNetV2(7, 18, norm="batchnorm")
+    head_before = model.last_layer[0].weight.detach().clone()
+    report = load_imagenet(model, tmp_path / "hrnetv2_w18_imagenet_pretrained.pth")
+    assert sorted(report.skipped) == sorted(extra)
+    assert not report.missing and not report.unexpected
+    torch.testing.assert_close(model.stage4[2].fuse_layers[3][0][2][0].weight,
+                               sd["stage4.2.fuse_layers.3.0.2.0.weight"])
+    assert torch.equal(model.last_layer[0].weight, head_before)
+    # a key the model does not have (another width) is an error under strict
+    bad = dict(sd)
+    bad["stage5.0.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(Exception, match="stage5.0.weight"):
+        load_imagenet(HRNetV2(7, 18, norm="batchnorm"), tmp_path / "bad.pth")
+
+
+def test_load_checkpoint_strips_fullmodel_prefix(tmp_path):
+    from lipfast.models import load_checkpoint
+
+    _, ref = _randomized_pair(seed=4, classes=20)
+    sd = {"model." + k: v.float() for k, v in _no_counter(ref.state_dict()).items()}
+    torch.save({"state_dict": sd, "epoch": 150}, tmp_path / "wrapped.pth")
+    torch.save(sd, tmp_path / "bare.pth")
+    for name in ("wrapped.pth", "bare.pth"):
+        model = HRNetV2(20, 18, norm="batchnorm")
+        report = load_checkpoint(model, tmp_path / name)
+        assert report.ok and len(report.loaded) == len(sd)
+        torch.testing.assert_close(model.last_layer[3].weight,
+                                   sd["model.last_layer.3.weight"])

@@ -138,8 +138,9 @@ class Checkpoint:
 
 
 def _check_state(obj, path: str, what: str = "") -> dict:
-    """``obj`` as a state_dict (str -> tensor), ``module.`` stripped, norm
-    variances checked."""
+    """``obj`` as a state_dict (str -> tensor), a ``module.`` (DataParallel) or
+    ``model.`` (HRNet-Semantic-Segmentation's FullModel) prefix on every key
+    stripped, norm variances checked."""
     where = f"{path!r}" + (f" ({what})" if what else "")
     if not isinstance(obj, dict) or not obj:
         raise ValueError(f"checkpoint {where} holds no state_dict (expected a dict of tensors, "
@@ -148,8 +149,10 @@ def _check_state(obj, path: str, what: str = "") -> dict:
     if bad:
         raise ValueError(f"checkpoint {where} is not a state_dict: entries that are not "
                          f"tensors: {_short(map(str, bad))}")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for prefix in ("module.", "model."):  # DataParallel's; HRNet's FullModel wrapper's
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            break
     for k, v in obj.items():
         if not k.endswith("running_var") or not v.numel():
             continue
@@ -423,8 +426,21 @@ def load_imagenet(model: nn.Module, path, strict: bool = True) -> LoadReport:
     keys starting with ``fc`` are skipped (reported as ``skipped``), every other
     key must be a backbone key of the model (stem, ``layer1..4``) and every
     backbone key must be present, with equal shapes, under ``strict``. The heads
-    keep their initialisation."""
+    keep their initialisation.
+
+    For an :class:`~lipfast.models.HRNetV2`, HRNet-Semantic-Segmentation's
+    ``hrnetv2_w48_imagenet_pretrained.pth``: its classifier-only keys
+    (``incre_modules``, ``downsamp_modules``, ``final_layer``, ``classifier``)
+    are skipped (and reported), every other key must be one of the model's
+    and, under ``strict``, every key of the model but ``last_layer`` present."""
+    from .hrnet import HRNET_IMAGENET_ONLY, HRNetV2
+
     state = read_state_dict(path)
+    if isinstance(model, HRNetV2):
+        skipped = sorted(k for k in state if k.split(".", 1)[0] in HRNET_IMAGENET_ONLY)
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in HRNET_IMAGENET_ONLY}
+        heads = tuple(n for n, _ in model.named_children() if n != "last_layer")
+        return _load(model, state, os.fspath(path), strict, skipped, only_prefixes=heads)
     skipped = sorted(k for k in state if k.split(".", 1)[0] == "fc")
     state = {k: v for k, v in state.items() if k.split(".", 1)[0] != "fc"}
     return _load(model, state, os.fspath(path), strict, skipped, only_prefixes=_BACKBONE)

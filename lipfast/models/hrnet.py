@@ -36,6 +36,12 @@ sum makes a new tensor), or ``"batchnorm"`` (``nn.BatchNorm2d``, upstream's).
 Input: B x 3 x H x W, **RGB** in [0, 1] normalised with :data:`HRNET_MEAN` /
 :data:`HRNET_STD` (ImageNet's, RGB order; unlike SCHP's BGR).
 
+Loading: :func:`lipfast.models.load_imagenet` takes their ImageNet file
+(classifier-only keys skipped and reported, ``last_layer`` left as it is);
+:func:`lipfast.models.load_checkpoint` their LIP checkpoints (the ``model.``
+prefix of their FullModel wrapper, inside a ``state_dict`` entry or not, is
+stripped).
+
 Not yet here (the rest of the HRNetV2 work): the CE2P edge/fusion head
 (``head="ce2p"``) and OC contexts on the concatenated features, ``relu_conv2d``
 fusion, the training and evaluation tools' ``--model`` option.
@@ -52,12 +58,15 @@ import torch.nn.functional as F
 from ..nn.abn import InPlaceABN, InPlaceABNSync
 from .ce2p import _back_to_autocast_dtype, _float_on_cpu
 
-__all__ = ["HRNetV2", "HRNET_MEAN", "HRNET_STD", "HRNET_WIDTHS"]
+__all__ = ["HRNetV2", "HRNET_MEAN", "HRNET_STD", "HRNET_WIDTHS", "HRNET_IMAGENET_ONLY"]
 
 #: ImageNet normalisation, RGB order (HRNet-Semantic-Segmentation's).
 HRNET_MEAN = (0.485, 0.456, 0.406)
 HRNET_STD = (0.229, 0.224, 0.225)
 HRNET_WIDTHS = (18, 32, 48)
+#: top-level modules of the ImageNet classification HRNet that the segmentation
+#: network does not have (skipped by :func:`lipfast.models.load_imagenet`)
+HRNET_IMAGENET_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
 _NORMS = ("inplace_abn_sync", "inplace_abn", "batchnorm")
 _MOMENTUM = 0.01
 
