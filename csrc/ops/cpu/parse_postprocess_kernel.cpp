@@ -43,6 +43,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_variants.h"
+
 // The vector helpers below are always inlined into the AVX2 / baseline variants;
 // their by-value 32-byte vectors never cross a call (gcc warns about the ABI).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -77,36 +79,20 @@ struct Args {
   T* fg_out;
 };
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LIPFAST_ALWAYS_INLINE __attribute__((always_inline))
+// rows_impl compiled for the baseline ISA (16-byte vectors) and for AVX2 + FMA
+// (32-byte vectors where the build targets x86), picked at run time
+// (cpu_variants.h).
+constexpr int kAvx2Bytes = LIPFAST_X86_VARIANTS ? 32 : 16;
 #define LIPFAST_PP_VARIANTS(fn)                                                          \
   template <typename T>                                                                  \
-  __attribute__((target("avx2,fma"))) void fn##_avx2(const Args<T>& a, int64_t t0,       \
-                                                     int64_t t1) {                       \
-    fn<T, 32>(a, t0, t1);                                                                \
+  LIPFAST_TARGET_AVX2 void fn##_avx2(const Args<T>& a, int64_t t0, int64_t t1) {         \
+    fn<T, kAvx2Bytes>(a, t0, t1);                                                        \
   }                                                                                      \
   template <typename T>                                                                  \
   void fn##_base(const Args<T>& a, int64_t t0, int64_t t1) {                             \
     fn<T, 16>(a, t0, t1);                                                                \
   }
-inline bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("LIPFAST_CPU_NO_AVX2") == nullptr;
-  return ok;
-}
-#else
-#define LIPFAST_ALWAYS_INLINE
-#define LIPFAST_PP_VARIANTS(fn)                                   \
-  template <typename T>                                           \
-  void fn##_base(const Args<T>& a, int64_t t0, int64_t t1) {      \
-    fn<T, 16>(a, t0, t1);                                         \
-  }                                                               \
-  template <typename T>                                           \
-  void fn##_avx2(const Args<T>& a, int64_t t0, int64_t t1) {      \
-    fn<T, 16>(a, t0, t1);                                         \
-  }
-inline bool use_avx2() { return false; }
-#endif
+using cpu::use_avx2;
 
 // The align_corners taps of the upsample n_l -> n_u (ATen: scale (n_l - 1) /
 // (n_u - 1), 0 when n_u == 1; src = d * scale; i0 = floor(src), i1 = min(i0 + 1,

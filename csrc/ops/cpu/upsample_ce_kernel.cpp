@@ -29,44 +29,24 @@
 #include <vector>
 
 #include "../upsample_ce.h"
+#include "cpu_variants.h"
 
 namespace lipfast {
 namespace ops {
 namespace {
 
-// x86-64: the row loops are compiled twice, for the baseline ISA and for
-// AVX2 + FMA, and picked at run time (the build passes no -march);
-// LIPFAST_CPU_NO_AVX2=1 forces the baseline variant (tests).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define LIPFAST_ALWAYS_INLINE __attribute__((always_inline))
-#define LIPFAST_VARIANTS(fn, Args)                                                     \
-  template <typename T, typename L>                                                    \
-  __attribute__((target("avx2,fma"))) void fn##_avx2(const Args<T, L>& a, int64_t i0, \
-                                                     int64_t i1) {                     \
-    fn<T, L>(a, i0, i1);                                                               \
-  }                                                                                    \
-  template <typename T, typename L>                                                    \
-  void fn##_base(const Args<T, L>& a, int64_t i0, int64_t i1) {                        \
-    fn<T, L>(a, i0, i1);                                                               \
+// The row loops are compiled for the baseline ISA and for AVX2 + FMA, picked at
+// run time (cpu_variants.h).
+#define LIPFAST_VARIANTS(fn, Args)                                                   \
+  template <typename T, typename L>                                                  \
+  LIPFAST_TARGET_AVX2 void fn##_avx2(const Args<T, L>& a, int64_t i0, int64_t i1) {  \
+    fn<T, L>(a, i0, i1);                                                             \
+  }                                                                                  \
+  template <typename T, typename L>                                                  \
+  void fn##_base(const Args<T, L>& a, int64_t i0, int64_t i1) {                      \
+    fn<T, L>(a, i0, i1);                                                             \
   }
-inline bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("LIPFAST_CPU_NO_AVX2") == nullptr;
-  return ok;
-}
-#else
-#define LIPFAST_ALWAYS_INLINE
-#define LIPFAST_VARIANTS(fn, Args)                                  \
-  template <typename T, typename L>                                 \
-  void fn##_base(const Args<T, L>& a, int64_t i0, int64_t i1) {     \
-    fn<T, L>(a, i0, i1);                                            \
-  }                                                                 \
-  template <typename T, typename L>                                 \
-  void fn##_avx2(const Args<T, L>& a, int64_t i0, int64_t i1) {     \
-    fn<T, L>(a, i0, i1);                                            \
-  }
-inline bool use_avx2() { return false; }
-#endif
+using cpu::use_avx2;
 
 // exp(x) for float32 written so that gcc vectorises loops calling it (Cephes
 // expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp). Rounding to
