@@ -170,11 +170,7 @@ def main(argv=None) -> dict:
     setting = dataset_setting(args.dataset)
     ckpt = read_checkpoint(args.checkpoint)
     cfg = checkpoint_config(ckpt, output_stride=args.output_stride)
-    if cfg["num_classes"] != setting.num_classes:
-        raise ValueError(
-            f"checkpoint {args.checkpoint!r} has {cfg['num_classes']} classes but dataset "
-            f"{setting.name!r} has {setting.num_classes}: pass the --dataset the checkpoint "
-            "was trained on")
+    setting.check_num_classes(cfg["num_classes"], f"checkpoint {args.checkpoint!r}")
     model, cfg = model_from_checkpoint(ckpt, which="schp_model" if args.schp else "model",
                                        output_stride=args.output_stride)
     info = export_onnx(model, args.out, setting.input_size, opset=args.opset)

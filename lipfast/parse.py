@@ -313,7 +313,7 @@ class Parser:
                  input_size: Optional[Sequence[int]] = None,
                  forward_batch: Optional[int] = None):
         from .models import CE2P
-        from .models.checkpoint import model_from_checkpoint, read_checkpoint, infer_config
+        from .models.checkpoint import checkpoint_config, model_from_checkpoint, read_checkpoint
 
         self.setting: DatasetSetting = dataset_setting(dataset)
         if input_size is None:
@@ -334,22 +334,17 @@ class Parser:
         self.dtype = dtype
         self.flip = bool(flip)
         self.scales = _check_scales(scales)
-        n = self.setting.num_classes
         if isinstance(checkpoint, nn.Module):
+            have = getattr(checkpoint, "num_classes", None)
+            if have is not None:
+                self.setting.check_num_classes(
+                    have, f"the model given ({type(checkpoint).__name__})")
             model = copy.deepcopy(checkpoint)   # the caller's model stays as it is
-            have = getattr(model, "num_classes", None)
-            source = f"the model given ({type(model).__name__})"
         else:
             ckpt = read_checkpoint(checkpoint)
-            have = infer_config(ckpt.state_dict, ckpt.path)["num_classes"] if (
-                ckpt.hparams is None) else int(ckpt.hparams.get("num_classes", -1))
-            source = f"checkpoint {ckpt.path!r}"
-            if have == n:
-                model, _ = model_from_checkpoint(ckpt)
-        if have is not None and have != n:
-            raise ValueError(f"{source} has {have} classes, but dataset {self.setting.name!r} "
-                             f"has {n} ({', '.join(self.setting.labels[:4])}, ...); pick the "
-                             "dataset the checkpoint was trained on")
+            self.setting.check_num_classes(checkpoint_config(ckpt)["num_classes"],
+                                           f"checkpoint {ckpt.path!r}")
+            model, _ = model_from_checkpoint(ckpt)
         model = model.eval()
         if fold:
             from .models import fold_norms

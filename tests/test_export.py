@@ -179,11 +179,11 @@ def test_cli_refuses_a_class_count_mismatch(schp_checkpoint, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "lipfast.export: error:" in proc.stderr
-    assert "has 7 classes but dataset 'lip' has 20" in proc.stderr
+    assert "has 7 classes, but dataset 'lip' has 20" in proc.stderr
     assert not list(tmp_path.iterdir())                               # nothing written
     # An existing file stays as it was.
     out.write_bytes(b"old model")
-    with pytest.raises(ValueError, match="has 7 classes but dataset 'atr' has 18"):
+    with pytest.raises(ValueError, match="has 7 classes, but dataset 'atr' has 18"):
         main(["--checkpoint", str(schp_checkpoint), "--dataset", "ATR", "--out", str(out)])
     assert out.read_bytes() == b"old model"
     assert sorted(os.listdir(tmp_path)) == ["lip.onnx"]

@@ -35,6 +35,15 @@ class DatasetSetting:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def check_num_classes(self, have: int, source: str) -> None:
+        """ValueError naming both counts when ``source`` (e.g. ``"checkpoint 'x.pth'"``)
+        has ``have`` classes and this setting another number."""
+        if have != self.num_classes:
+            raise ValueError(
+                f"{source} has {have} classes, but dataset {self.name!r} has "
+                f"{self.num_classes} ({', '.join(self.labels[:4])}, ...): pass the dataset "
+                "the checkpoint was trained on")
+
 
 def _pairs(labels) -> tuple:
     index = {name: i for i, name in enumerate(labels)}
