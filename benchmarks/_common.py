@@ -94,6 +94,19 @@ def environment(device: torch.device, script: str | None = None, argv=None) -> d
     return env
 
 
+def run_environment(device: torch.device, script: str, argv, threads) -> tuple:
+    """The start of a timed run: the machine check, the thread choice (before the
+    environment is recorded, so that it holds the threads used) and the
+    environment record with both in it. Returns ``(env, machine, threads_note)``."""
+    import _timing
+
+    machine = _timing.machine_check()
+    threads_note = _timing.choose_threads(threads, device, machine)
+    env = environment(device, script, argv)
+    env["machine_check"], env["threads_note"] = machine, threads_note
+    return env, machine, threads_note
+
+
 def rss_bytes() -> int:
     """This process's resident set size (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:

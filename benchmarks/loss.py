@@ -90,7 +90,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import run_environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 from lipfast.losses import SCHPCriterion, edge_loss, generate_edge  # noqa: E402
@@ -395,10 +395,7 @@ def main(argv=None):
     settings = _timing.settings_from_args(
         args, QUICK_TIMING if args.quick else (CUDA_TIMING if device.type == "cuda"
                                                else CPU_TIMING))
-    machine = _timing.machine_check()
-    threads_note = _timing.choose_threads(args.threads, device, machine)
-    env = environment(device, __file__, argv)
-    env["machine_check"], env["threads_note"] = machine, threads_note
+    env, machine, threads_note = run_environment(device, __file__, argv, args.threads)
     print(f"lipfast loss benchmark on {device} ({env['device_name']}), B={b} C={c} logits "
           f"{h}x{h} labels {H}x{H}")
     _timing.print_run_header(env, settings)

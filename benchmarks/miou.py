@@ -68,7 +68,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import environment  # noqa: E402
+from _common import run_environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 from lipfast.metrics import confusion_matrix  # noqa: E402
@@ -244,10 +244,7 @@ def main(argv=None):
     settings = _timing.settings_from_args(
         args, QUICK_TIMING if args.quick else (CUDA_TIMING if device.type == "cuda"
                                                else CPU_TIMING))
-    machine = _timing.machine_check()
-    threads_note = _timing.choose_threads(args.threads, device, machine)
-    env = environment(device, __file__, argv)
-    env["machine_check"], env["threads_note"] = machine, threads_note
+    env, machine, threads_note = run_environment(device, __file__, argv, args.threads)
     print(f"device {device} ({env['device_name']}), threads {env['num_threads']}, B={b} C={c} "
           f"labels {hh}x{hh}")
     _timing.print_run_header(env, settings)

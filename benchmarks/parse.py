@@ -111,7 +111,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import _timing  # noqa: E402
-from _common import PeakRSS, environment  # noqa: E402
+from _common import PeakRSS, run_environment  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 
@@ -584,10 +584,7 @@ def main(argv=None) -> int:
         args, QUICK_TIMING if args.quick else (CUDA_TIMING if gpu else CPU_TIMING))
     pp_settings = _timing.settings_from_args(
         args, QUICK_TIMING if args.quick else (PP_CUDA_TIMING if gpu else PP_CPU_TIMING))
-    machine = _timing.machine_check()
-    threads_note = _timing.choose_threads(args.threads, device, machine)
-    env = environment(device, __file__, argv)
-    env["machine_check"], env["threads_note"] = machine, threads_note
+    env, machine, threads_note = run_environment(device, __file__, argv, args.threads)
     import cv2
 
     env["opencv"] = cv2.__version__

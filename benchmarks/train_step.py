@@ -85,7 +85,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import PeakRSS, environment  # noqa: E402
+from _common import PeakRSS, run_environment  # noqa: E402
 from loss import labels_like, schp_eager, schp_generate_edge_tensor  # noqa: E402
 
 import lipfast.nn.oc as _oc  # noqa: E402
@@ -365,10 +365,7 @@ def main(argv=None) -> int:
         return _worker(args)
     settings = _timing.settings_from_args(
         args, QUICK_TIMING if args.quick else (CUDA_TIMING if gpu else CPU_TIMING))
-    machine = _timing.machine_check()
-    threads_note = _timing.choose_threads(args.threads, device, machine)
-    env = environment(device, __file__, argv)
-    env["machine_check"], env["threads_note"] = machine, threads_note
+    env, machine, threads_note = run_environment(device, __file__, argv, args.threads)
     _timing.print_run_header(env, settings)
     _timing.print_machine_notes(machine, threads_note)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
