@@ -590,6 +590,26 @@ def _collate(items):
     return items
 
 
+def _parse_batch(parser, good, paths, logits: bool, failed: list):
+    """Parses the decoded ``good`` items ``(index, array)`` in one call and returns
+    ``(items parsed, their results)``; when the call fails, image by image, so that
+    one bad image does not sink the batch (its error goes to ``failed``)."""
+    try:
+        return good, parser.parse_arrays([a for _, a in good], return_logits=logits)
+    except (ValueError, RuntimeError) as err:
+        if len(good) == 1:
+            failed.append((os.path.basename(paths[good[0][0]]), str(err)))
+            return [], []
+    kept, results = [], []
+    for i, a in good:
+        try:
+            results.extend(parser.parse_arrays([a], return_logits=logits))
+            kept.append((i, a))
+        except (ValueError, RuntimeError) as err:
+            failed.append((os.path.basename(paths[i]), str(err)))
+    return kept, results
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m lipfast.parse",
@@ -683,33 +703,16 @@ def main(argv=None) -> int:
                 failed.append((os.path.basename(paths[i]), err))
             else:
                 good.append((i, arr))
-        good_arrays = {i: a for i, a in good}
         if good:
-            try:
-                results = parser.parse_arrays([a for _, a in good], return_logits=args.logits)
-            except (ValueError, RuntimeError) as err:
-                if len(good) == 1:
-                    failed.append((os.path.basename(paths[good[0][0]]), str(err)))
-                    results = []
-                    good = []
-                else:   # retry one by one so that one bad image does not sink the batch
-                    results = []
-                    kept = []
-                    for i, a in good:
-                        try:
-                            results.extend(parser.parse_arrays([a], return_logits=args.logits))
-                            kept.append((i, a))
-                        except (ValueError, RuntimeError) as err1:
-                            failed.append((os.path.basename(paths[i]), str(err1)))
-                    good = kept
-            for (i, _), res in zip(good, results):
+            good, results = _parse_batch(parser, good, paths, args.logits, failed)
+            for (i, arr), res in zip(good, results):
                 stem = os.path.splitext(os.path.basename(paths[i]))[0]
                 labels = res.labels if isinstance(res, Parsing) else res
                 save_parsing(labels, os.path.join(args.output_dir, stem + ".png"))
                 if args.logits:
                     _save_npy(res.logits.numpy(), os.path.join(args.output_dir, stem + ".npy"))
                 if args.vis:
-                    save_picture(good_arrays[i], labels, parser.labels,
+                    save_picture(arr, labels, parser.labels,
                                  os.path.join(args.vis, stem + "_vis.png"))
                 parsed += 1
         done += len(items)

@@ -626,3 +626,20 @@ def test_compiled_parser_agrees(models):
     compiled = Parser(models["pascal"], dataset="pascal", device="cpu", compile=True)
     for a, b in zip(eager, compiled(imgs, bgr=True)):
         assert _agreement(a, b) >= 0.999
+
+
+def test_cli_one_bad_image_does_not_sink_its_batch(models, tmp_path, capsys):
+    """A file that decodes but cannot be parsed (1 x 1 pixel) fails alone: the other
+    images of its batch are parsed one by one and written."""
+    d = tmp_path / "in"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), _image(20, 30, seed=1))
+    cv2.imwrite(str(d / "b.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(d / "c.png"), _image(25, 18, seed=2))
+    ckpt = _schp_checkpoint(models["lip"], tmp_path / "m.pth")
+    out = tmp_path / "o"
+    rc = main(["--checkpoint", ckpt, "--input-dir", str(d), "--output-dir", str(out),
+               "--device", "cpu", "--workers", "0", "--batch-size", "3", "--progress", "off"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "parsed 2 of 3 files" in text and "b.png: " in text and "1 x 1" in text
+    assert sorted(os.listdir(out)) == ["a.png", "c.png"]
