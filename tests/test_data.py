@@ -477,3 +477,81 @@ def test_inputs_untouched(tmp_path):
     ds = LIPDataset(tmp_path, "train", crop_size=9)
     ds[0], ds[1]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------- channel order, sizes
+
+def test_rgb_channel_order_is_bgr_flipped(blocks_root):
+    """channel_order="RGB" with the statistics in RGB order gives exactly the BGR
+    image's channels reversed; the default is BGR, unchanged."""
+    mean_rgb, std_rgb = LIP_MEAN_BGR[::-1], LIP_STD_BGR[::-1]
+    for train in (True, False):
+        bgr = LIPDataset(blocks_root, "train", crop_size=(19, 23), train=train, seed=2)
+        explicit = LIPDataset(blocks_root, "train", crop_size=(19, 23), train=train, seed=2,
+                              channel_order="BGR")
+        rgb = LIPDataset(blocks_root, "train", crop_size=(19, 23), train=train, seed=2,
+                         channel_order="rgb", mean=mean_rgb, std=std_rgb)
+        assert rgb.channel_order == "RGB" and bgr.channel_order == "BGR"
+        for i in range(len(bgr)):
+            a, b, c = bgr[i], rgb[i], explicit[i]
+            assert torch.equal(b[0], a[0].flip(0)) and torch.equal(a[1], b[1])
+            assert torch.equal(a[0], c[0])
+            assert b[2]["rotation"] == a[2]["rotation"] and b[2]["flip"] == a[2]["flip"]
+    for bad in ("BRG", "", None, 3):
+        with pytest.raises(ValueError, match="channel_order"):
+            LIPDataset(blocks_root, "train", channel_order=bad)
+
+
+def test_rgb_with_imagenet_statistics(tmp_path):
+    from lipfast.data import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+    rgb = np.zeros((9, 9, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    write_split(tmp_path, "val", [("a", rgb, np.zeros((9, 9), dtype=np.uint8))])
+    img = LIPDataset(tmp_path, "val", crop_size=9, train=False, channel_order="RGB",
+                     mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB)[0][0]
+    # channel 0 is red: (200/255 - 0.485) / 0.229
+    expect = [(200 / 255 - 0.485) / 0.229, (100 / 255 - 0.456) / 0.224, (50 / 255 - 0.406) / 0.225]
+    for ch, e in enumerate(expect):
+        assert abs(float(img[ch, 4, 4]) - e) < 2.5 / 255 / 0.22
+
+
+def test_denormalize_channel_order(blocks_root):
+    from lipfast.data import denormalize
+
+    mean_rgb, std_rgb = LIP_MEAN_BGR[::-1], LIP_STD_BGR[::-1]
+    bgr = LIPDataset(blocks_root, "val", crop_size=15, train=False)[0][0]
+    rgb = LIPDataset(blocks_root, "val", crop_size=15, train=False, channel_order="RGB",
+                     mean=mean_rgb, std=std_rgb)[0][0]
+    a = denormalize(bgr)
+    b = denormalize(rgb, mean_rgb, std_rgb, channel_order="RGB")
+    assert a.shape == (15, 15, 3) and a.dtype == torch.uint8 and torch.equal(a, b)
+    # the picture is RGB: block_sample's blue is 128 and green 255 - red
+    centre = a[5:10, 5:10].float()
+    assert (centre[..., 2] - 128).abs().max() <= 3
+    assert (centre[..., 0] + centre[..., 1] - 255).abs().max() <= 4
+    with pytest.raises(ValueError, match="channel_order"):
+        denormalize(bgr, channel_order="XYZ")
+
+
+@pytest.mark.parametrize("size", [473, 512, 576])
+def test_standard_crop_sizes(blocks_root, size):
+    img, lab, meta = LIPDataset(blocks_root, "train", crop_size=size, seed=1)[2]
+    assert img.shape == (3, size, size) and lab.shape == (size, size)
+    assert meta["source"] == "lip"
+    img, lab, meta = LIPDataset(blocks_root, "val", crop_size=size, train=False)[1]
+    assert img.shape == (3, size, size) and lab.shape == (30, 47)
+
+
+def test_repeat_streams(blocks_root):
+    """item(i, 0) is ds[i]; item(i, r > 0) draws the sample's own extra stream."""
+    ds = LIPDataset(blocks_root, "train", crop_size=17, seed=9)
+    assert torch.equal(ds.item(1)[0], ds[1][0])
+    base = [ds.sample_params(i, 40, 50) for i in range(4)]
+    again = [ds.sample_params(i, 40, 50, repeat=1) for i in range(4)]
+    assert again != base and again == [ds.sample_params(i, 40, 50, repeat=1) for i in range(4)]
+    a, b = ds.item(2, 1), ds.item(2, 1)
+    assert torch.equal(a[0], b[0]) and a[2]["index"] == 2
+    # repeat 0 calls sample_params with three arguments: subclasses overriding it still work
+    fixed = FixedParams(blocks_root, "train", crop_size=17, factor=1.0, rotation=5.0)
+    assert fixed.item(0, 0)[2]["rotation"] == 5.0

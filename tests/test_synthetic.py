@@ -1,13 +1,17 @@
-"""lipfast.data.synthetic: layout, class coverage, determinism, loadability."""
+"""lipfast.data.synthetic: layout, class coverage, determinism, loadability; the
+CIHP layout (--layout cihp); the LIP layout's output pinned."""
 
 from __future__ import annotations
+
+import hashlib
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lipfast.data import LIPDataset
-from lipfast.data.synthetic import main, make_sample, make_synthetic
+from lipfast.data import CIHPPersonCrops, LIPDataset
+from lipfast.data.synthetic import main, make_cihp_sample, make_sample, make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,99 @@ def test_progress_lines_and_off(tmp_path, capsys):
     assert out.err == ""
     with pytest.raises(ValueError, match="--progress"):
         make_synthetic(tmp_path / "c", 2, quiet=False, progress="fancy")
+
+
+# ----------------------------------------------------------------- LIP output pinned
+
+def test_lip_layout_output_unchanged(tmp_path):
+    """The drawn LIP samples are pinned (hash of the arrays, computed before the
+    CIHP layout was added): the default layout must not change."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for i in range(4):
+            img, lab = make_sample(3, split, i, 48)
+            h.update(img.tobytes())
+            h.update(lab.tobytes())
+            h.update(str(img.shape).encode())
+    assert h.hexdigest() == "2f2f14ec676fc2c2cdc005f0a43453bf6f2e49156ed7a29e2fd43f1afc7c4f11"
+    # the default layout writes the LIP layout only, as before
+    main([str(tmp_path / "d"), "--images", "2", "--val", "1", "--size", "24", "--progress",
+          "off"])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "train_id.txt", "train_images", "train_segmentations", "val_id.txt", "val_images",
+        "val_segmentations"]
+
+
+# ----------------------------------------------------------------- CIHP layout
+
+@pytest.fixture(scope="module")
+def cihp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cihp")
+    main([str(root), "--layout", "cihp", "--images", "6", "--val", "2", "--size", "64",
+          "--seed", "4", "--progress", "off"])
+    return root
+
+
+def _cihp_arrays(root, folder, sid):
+    return {k: np.array(Image.open(root / folder / k / f"{sid}.png"))
+            for k in ("Category_ids", "Human_ids", "Instance_ids")}
+
+
+def test_cihp_layout(cihp):
+    overlapping = 0
+    for folder, id_name, n in (("Training", "train_id.txt", 6), ("Validation", "val_id.txt", 2)):
+        ids = (cihp / folder / id_name).read_text().splitlines()
+        assert ids == [f"{i:07d}" for i in range(n)]
+        for sid in ids:
+            img = Image.open(cihp / folder / "Images" / f"{sid}.jpg")
+            assert img.format == "JPEG" and img.mode == "RGB"
+            for k in ("Category_ids", "Human_ids", "Instance_ids"):
+                lab = Image.open(cihp / folder / k / f"{sid}.png")
+                assert lab.format == "PNG" and lab.mode == "L" and lab.size == img.size
+            a = _cihp_arrays(cihp, folder, sid)
+            cat, hum, inst = a["Category_ids"], a["Human_ids"], a["Instance_ids"]
+            persons = sorted(set(np.unique(hum).tolist()) - {0})
+            assert persons in ([1, 2], [1, 2, 3])  # 2-3 figures, numbered without a gap
+            assert cat.max() <= 19
+            assert ((cat != 0) == (hum != 0)).all()  # every labelled pixel belongs to a person
+            want = np.where(cat != 0, 20 * (hum.astype(int) - 1) + cat, 0)
+            np.testing.assert_array_equal(inst, want)
+            # Torso-skin on every person (neck / chest), within the persons
+            for p in persons:
+                assert ((hum == p) & (cat == 10)).sum() > 0
+            # figures overlap a little: a person's tight box holds another's pixels
+            for p in persons:
+                ys, xs = np.nonzero(hum == p)
+                box = hum[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                overlapping += bool(((box != 0) & (box != p)).any())
+    assert overlapping >= 2
+
+
+def test_cihp_deterministic_and_readable(cihp, tmp_path):
+    make_synthetic(tmp_path / "x", 2, size=48, seed=1, val=1, layout="cihp")
+    make_synthetic(tmp_path / "y", 2, size=48, seed=1, val=1, layout="cihp")
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*")
+                   if p.is_file())
+    assert len(files) == (2 + 1) * 4 + 2  # 3 images x 4 files, 2 id lists
+    for rel in files:
+        assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
+    a, b = make_cihp_sample(1, "train", 0, 48), make_cihp_sample(2, "train", 0, 48)
+    assert not (a[0].shape == b[0].shape and np.array_equal(a[0], b[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = CIHPPersonCrops(cihp, "train", crop_size=33)
+    assert len(ds) >= 12
+    img, lab, meta = ds[0]
+    assert img.shape == (3, 33, 33) and meta["source"] == "cihp"
+    assert set(lab.unique().tolist()) <= set(range(20)) - {10} | {255}
+    ev = CIHPPersonCrops(cihp, "val", crop_size=33, train=False, class_map=None)
+    assert any((ev[i][1] == 10).any() for i in range(len(ev)))  # Torso-skin kept
+
+
+def test_cihp_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--layout", "mhp", "--images", "2"])
+    with pytest.raises(ValueError, match="--layout"):
+        make_synthetic(tmp_path, 2, layout="atr")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--layout", "cihp", "--images", "0"])

@@ -11,11 +11,16 @@ Layout (one data set root)::
 
 - ``image``: float32 3 x H_c x W_c, **BGR** in [0, 1] normalised with mean
   (0.406, 0.456, 0.485) and std (0.225, 0.224, 0.229) (SPEC 5; what SCHP's
-  ``cv2.imread`` + ``ToTensor`` + ``Normalize`` give).
+  ``cv2.imread`` + ``ToTensor`` + ``Normalize`` give). ``channel_order="RGB"``
+  returns RGB instead, normalised with the ``mean`` / ``std`` given (in RGB
+  order: HRNetV2 takes ImageNet's ``IMAGENET_MEAN_RGB`` / ``IMAGENET_STD_RGB``);
+  with the same statistics reversed it is exactly the BGR image's channels
+  reversed.
 - ``label``: int64. Training: the warped H_c x W_c label (255 outside the image).
   Evaluation (``train=False``): the *original* H x W label, unwarped, what the
   metrics compare against.
-- ``meta``: dict with ``id``, ``index``, ``image_path``, ``height``, ``width`` (original size),
+- ``meta``: dict with ``id``, ``index``, ``source`` (``"lip"``), ``image_path``, ``height``,
+  ``width`` (original size),
   ``center``, ``scale`` (the person box as SCHP's ``_box2cs``), ``rotation``
   (degrees), ``flip`` (bool) and ``affine`` (3 x 3 float64, original pixel ->
   crop pixel coordinates, flip included).
@@ -37,6 +42,10 @@ Randomness: every sample draws from its own ``numpy`` generator seeded by
 a sample does not depend on the number of loader workers, on the process, or on
 what was drawn before: a resumed run sees the same samples as an uninterrupted
 one.
+
+The augmentation lives in :class:`ParsingDataset`, shared with
+:class:`lipfast.data.CIHPPersonCrops` (which feeds it one person crop of a
+CIHP image per sample): a subclass provides the sample list and ``load``.
 
 Edge labels are not made here: the training loop computes them on the device
 from the warped labels with :func:`lipfast.losses.generate_edge`
@@ -63,6 +72,8 @@ from .transforms import (IGNORE, affine_matrix, box_to_center_scale, warp_image,
 
 LIP_MEAN_BGR = LIP_MEAN  # SPEC 5: BGR in [0, 1]
 LIP_STD_BGR = LIP_STD
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # the same statistics in RGB order (HRNetV2's input)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 LIP_NUM_CLASSES = 20
 FLIP_PAIRS = LIP_FLIP_PAIRS  # left/right labels swapped by a horizontal flip
 
@@ -98,64 +109,73 @@ def crop_hw(crop_size) -> tuple[int, int]:
     return hw
 
 
-def read_image(path: str) -> torch.Tensor:
-    """Image file -> uint8 3 x H x W tensor in **BGR** order."""
+def read_image(path: str, what: str = "LIP image") -> torch.Tensor:
+    """Image file -> uint8 3 x H x W tensor in **BGR** order. ``what`` names the
+    file's role in the error messages."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"LIP image not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read LIP image {path}: {err}") from None
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
     return torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1)))
 
 
 def read_label(path: str, num_classes: int = LIP_NUM_CLASSES,
-               ignore_index: int = IGNORE) -> torch.Tensor:
+               ignore_index: int = IGNORE, what: str = "LIP label") -> torch.Tensor:
     """Segmentation PNG -> int64 H x W tensor, checked: one channel (mode L, P
-    or I), values in 0..num_classes-1 or ``ignore_index``."""
+    or I), values in 0..num_classes-1 or ``ignore_index`` (``ignore_index=None``:
+    any value >= 0). ``what`` names the file's role in the error messages."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             mode = im.mode
             if mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise ValueError(f"LIP label {path} must have one channel (mode L or P), "
+                raise ValueError(f"{what} {path} must have one channel (mode L or P), "
                                  f"got mode {mode}")
             arr = np.array(im, dtype=np.int64)
     except FileNotFoundError:
-        raise FileNotFoundError(f"LIP label not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read LIP label {path}: {err}") from None
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+    if ignore_index is None:
+        return torch.from_numpy(arr)
     bad = (arr >= num_classes) & (arr != ignore_index) | (arr < 0)
     if bad.any():
         values = sorted(set(np.unique(arr[bad]).tolist()))[:10]
-        raise ValueError(f"LIP label {path} has values outside 0..{num_classes - 1} and "
+        raise ValueError(f"{what} {path} has values outside 0..{num_classes - 1} and "
                          f"{ignore_index}: {values}")
     return torch.from_numpy(arr)
 
 
-class LIPDataset(torch.utils.data.Dataset):
-    """LIP split with SCHP's training augmentation or evaluation centring (see
-    the module docstring). ``flip_pairs``: the (left, right) labels a horizontal flip
-    swaps, LIP's by default; another label set (``num_classes != 20``) passes its own
-    (``()`` for none): pairs outside ``0..num_classes-1`` raise ValueError."""
+CHANNEL_ORDERS = ("BGR", "RGB")
 
-    def __init__(self, root, split: str = "train", crop_size=473, train: bool = True,
-                 seed: int = 0, num_classes: int = LIP_NUM_CLASSES, ignore_index: int = IGNORE,
-                 mean: Sequence[float] = LIP_MEAN_BGR, std: Sequence[float] = LIP_STD_BGR,
-                 check_files: bool = True, flip_pairs=FLIP_PAIRS):
-        if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"LIPDataset: root must be a path, got {type(root).__name__}")
-        if not isinstance(split, str) or not split or os.sep in split:
-            raise ValueError(f"LIPDataset: split must be a name like 'train' or 'val', "
-                             f"got {split!r}")
-        self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"LIP data root not found (or not a directory): {self.root}")
-        self.split = split
+
+def _channel_order(order) -> str:
+    if not isinstance(order, str) or order.upper() not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {order!r}")
+    return order.upper()
+
+
+class ParsingDataset(torch.utils.data.Dataset):
+    """The part shared by :class:`LIPDataset` and
+    :class:`lipfast.data.CIHPPersonCrops`: SCHP's training augmentation or
+    evaluation centring of one (image, label) pair per sample, normalisation,
+    per-sample random streams and the ``(image, label, meta)`` item.
+
+    A subclass calls :meth:`_setup` from its ``__init__``, fills ``self.ids``
+    (one entry per sample) and implements :meth:`load` (the raw BGR uint8 image
+    and int64 label of a sample) and :meth:`sample_meta` (the entries it adds to
+    ``meta``)."""
+
+    source = "lip"  # meta["source"]; MultiSourceDataset replaces it with the source name
+
+    def _setup(self, crop_size, train, seed, num_classes, ignore_index, mean, std, flip_pairs,
+               channel_order) -> None:
         self.crop_size = crop_hw(crop_size)
         self.aspect_ratio = self.crop_size[1] / self.crop_size[0]
         self.train = bool(train)
@@ -165,8 +185,109 @@ class LIPDataset(torch.utils.data.Dataset):
         self.ignore_index = int(ignore_index)
         # data sets other than LIP (other num_classes) name their own pairs, () for none
         self.flip_lut = _flip_lut(flip_pairs, self.num_classes)
+        self.channel_order = _channel_order(channel_order)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the augmentation stream of ``epoch`` (see the module docstring)."""
+        self.epoch = int(epoch)
+
+    def rng(self, index: int, repeat: int = 0) -> np.random.Generator:
+        """The generator of sample ``index`` in the current epoch; ``repeat > 0``
+        gives the independent stream of the sample's ``repeat``-th extra draw in
+        the epoch (a weighted :class:`lipfast.data.MultiSourceDataset` showing it
+        more than once)."""
+        key = [self.seed, self.epoch, int(index)] + ([int(repeat)] if repeat else [])
+        return np.random.default_rng(np.random.SeedSequence(key))
+
+    def load(self, index: int):
+        """The raw (BGR uint8 3 x H x W image, int64 H x W label) pair of ``index``."""
+        raise NotImplementedError
+
+    def sample_meta(self, index: int) -> dict:
+        """Entries of ``meta`` beyond the geometry (``id``, paths, ...)."""
+        return {}
+
+    def sample_params(self, index: int, width: int, height: int, repeat: int = 0):
+        """(center, scale, rotation, flip) of ``index`` for the current epoch."""
+        center, scale = box_to_center_scale(width, height, self.aspect_ratio)
+        if not self.train:
+            return center, scale, 0.0, False
+        g = self.rng(index, repeat)
+        s = float(np.clip(g.standard_normal() * SCALE_FACTOR + 1.0, 1.0 - SCALE_FACTOR,
+                          1.0 + SCALE_FACTOR))
+        scale = (scale[0] * s, scale[1] * s)
+        rot_draw = float(g.standard_normal())
+        rotation = float(np.clip(rot_draw * ROTATION_FACTOR, -2 * ROTATION_FACTOR,
+                                 2 * ROTATION_FACTOR)) if g.random() <= ROTATION_PROB else 0.0
+        flip = bool(g.random() <= FLIP_PROB)
+        return center, scale, rotation, flip
+
+    def __getitem__(self, index: int):
+        return self.item(index)
+
+    def item(self, index: int, repeat: int = 0):
+        """``self[index]``; ``repeat > 0`` draws the augmentation from the
+        sample's ``repeat``-th extra stream of the epoch (see :meth:`rng`)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{type(self).__name__} index {index} out of range for "
+                             f"{len(self)} samples")
+        index = index % len(self)
+        img, lab = self.load(index)
+        h, w = lab.shape
+        # (subclasses overriding sample_params with the three-argument form still work)
+        params = (self.sample_params(index, w, h) if not repeat
+                  else self.sample_params(index, w, h, repeat=repeat))
+        center, scale, rotation, flip = params
+        m = affine_matrix(center, scale, rotation, self.crop_size, flip_width=w if flip else None)
+        image = warp_image(img.to(torch.float32).div_(255.0), m, self.crop_size)
+        if self.channel_order == "RGB":
+            image = image.flip(0)
+        image = (image - self.mean) / self.std
+        if self.train:
+            label = warp_label(lab, m, self.crop_size, border=self.ignore_index)
+            if flip:
+                label = self.flip_lut[label]
+        else:
+            label = lab
+        meta = {
+            "id": self.ids[index], "index": index, "height": h, "width": w,
+            "source": self.source,
+            "center": torch.tensor(center, dtype=torch.float64),
+            "scale": torch.tensor(scale, dtype=torch.float64),
+            "rotation": rotation, "flip": flip, "affine": m,
+        }
+        meta.update(self.sample_meta(index))
+        return image.contiguous(), label, meta
+
+
+class LIPDataset(ParsingDataset):
+    """LIP split with SCHP's training augmentation or evaluation centring (see
+    the module docstring). ``flip_pairs``: the (left, right) labels a horizontal flip
+    swaps, LIP's by default; another label set (``num_classes != 20``) passes its own
+    (``()`` for none): pairs outside ``0..num_classes-1`` raise ValueError.
+    ``channel_order``: ``"BGR"`` (default, SCHP's input) or ``"RGB"`` (e.g. HRNetV2,
+    with ImageNet's RGB ``mean`` / ``std``); ``mean`` and ``std`` are in that order."""
+
+    def __init__(self, root, split: str = "train", crop_size=473, train: bool = True,
+                 seed: int = 0, num_classes: int = LIP_NUM_CLASSES, ignore_index: int = IGNORE,
+                 mean: Sequence[float] = LIP_MEAN_BGR, std: Sequence[float] = LIP_STD_BGR,
+                 check_files: bool = True, flip_pairs=FLIP_PAIRS, channel_order: str = "BGR"):
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"LIPDataset: root must be a path, got {type(root).__name__}")
+        if not isinstance(split, str) or not split or os.sep in split:
+            raise ValueError(f"LIPDataset: split must be a name like 'train' or 'val', "
+                             f"got {split!r}")
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"LIP data root not found (or not a directory): {self.root}")
+        self.split = split
+        self._setup(crop_size, train, seed, num_classes, ignore_index, mean, std, flip_pairs,
+                    channel_order)
         self.image_dir = os.path.join(self.root, f"{split}_images")
         self.label_dir = os.path.join(self.root, f"{split}_segmentations")
         id_file = os.path.join(self.root, f"{split}_id.txt")
@@ -195,16 +316,6 @@ class LIPDataset(torch.utils.data.Dataset):
     def label_path(self, sample_id: str) -> str:
         return os.path.join(self.label_dir, sample_id + ".png")
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the augmentation stream of ``epoch`` (see the module docstring)."""
-        self.epoch = int(epoch)
-
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(index)]))
-
     # ------------------------------------------------------------------ items
     def load(self, index: int):
         """The raw (BGR uint8 image, int64 label) pair of ``index``, checked."""
@@ -217,45 +328,8 @@ class LIPDataset(torch.utils.data.Dataset):
                 f"its label {self.label_path(sid)} is {lab.shape[1]}x{lab.shape[0]}")
         return img, lab
 
-    def sample_params(self, index: int, width: int, height: int):
-        """(center, scale, rotation, flip) of ``index`` for the current epoch."""
-        center, scale = box_to_center_scale(width, height, self.aspect_ratio)
-        if not self.train:
-            return center, scale, 0.0, False
-        g = self.rng(index)
-        s = float(np.clip(g.standard_normal() * SCALE_FACTOR + 1.0, 1.0 - SCALE_FACTOR,
-                          1.0 + SCALE_FACTOR))
-        scale = (scale[0] * s, scale[1] * s)
-        rot_draw = float(g.standard_normal())
-        rotation = float(np.clip(rot_draw * ROTATION_FACTOR, -2 * ROTATION_FACTOR,
-                                 2 * ROTATION_FACTOR)) if g.random() <= ROTATION_PROB else 0.0
-        flip = bool(g.random() <= FLIP_PROB)
-        return center, scale, rotation, flip
-
-    def __getitem__(self, index: int):
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"LIPDataset index {index} out of range for {len(self)} samples")
-        index = index % len(self)
-        img, lab = self.load(index)
-        h, w = lab.shape
-        center, scale, rotation, flip = self.sample_params(index, w, h)
-        m = affine_matrix(center, scale, rotation, self.crop_size, flip_width=w if flip else None)
-        image = warp_image(img.to(torch.float32).div_(255.0), m, self.crop_size)
-        image = (image - self.mean) / self.std
-        if self.train:
-            label = warp_label(lab, m, self.crop_size, border=self.ignore_index)
-            if flip:
-                label = self.flip_lut[label]
-        else:
-            label = lab
-        meta = {
-            "id": self.ids[index], "index": index, "height": h, "width": w,
-            "image_path": self.image_path(self.ids[index]),
-            "center": torch.tensor(center, dtype=torch.float64),
-            "scale": torch.tensor(scale, dtype=torch.float64),
-            "rotation": rotation, "flip": flip, "affine": m,
-        }
-        return image.contiguous(), label, meta
+    def sample_meta(self, index: int) -> dict:
+        return {"image_path": self.image_path(self.ids[index])}
 
 
 def collate(batch):
@@ -270,13 +344,19 @@ def collate(batch):
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float] = LIP_MEAN_BGR,
-                std: Sequence[float] = LIP_STD_BGR) -> torch.Tensor:
-    """Normalised BGR 3 x H x W -> uint8 H x W x 3 **RGB** (for pictures)."""
+                std: Sequence[float] = LIP_STD_BGR, channel_order: str = "BGR") -> torch.Tensor:
+    """Normalised 3 x H x W image in ``channel_order`` (``"BGR"``, the default, or
+    ``"RGB"``; ``mean`` / ``std`` in the same order) -> uint8 H x W x 3 **RGB**
+    (for pictures)."""
+    order = _channel_order(channel_order)
     m = torch.tensor(mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=image.dtype, device=image.device).view(3, 1, 1)
     x = (image * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.flip(0).permute(1, 2, 0).contiguous()
+    if order == "BGR":
+        x = x.flip(0)
+    return x.permute(1, 2, 0).contiguous()
 
 
-__all__ = ["LIPDataset", "collate", "read_image", "read_label", "denormalize", "crop_hw",
-           "LIP_MEAN_BGR", "LIP_STD_BGR", "FLIP_PAIRS", "LIP_NUM_CLASSES"]
+__all__ = ["LIPDataset", "ParsingDataset", "collate", "read_image", "read_label", "denormalize",
+           "crop_hw", "LIP_MEAN_BGR", "LIP_STD_BGR", "IMAGENET_MEAN_RGB", "IMAGENET_STD_RGB",
+           "FLIP_PAIRS", "LIP_NUM_CLASSES", "CHANNEL_ORDERS"]

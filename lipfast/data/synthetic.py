@@ -1,7 +1,8 @@
-"""A small synthetic data set in the LIP layout, for smoke tests and demos.
+"""A small synthetic data set in the LIP (or CIHP) layout, for smoke tests and demos.
 
 ``python -m lipfast.data.synthetic OUT --images N [--size 96] [--seed 0] [--val M]
-[--progress auto|bar|lines|off]`` writes ``OUT/{train,val}_images/<id>.jpg``,
+[--progress auto|bar|lines|off] [--layout lip|cihp]`` writes (default layout
+``lip``) ``OUT/{train,val}_images/<id>.jpg``,
 ``OUT/{train,val}_segmentations/<id>.png`` and ``OUT/{train,val}_id.txt`` (SPEC
 section 6): N training and M validation images (M defaults to max(2, N // 4)),
 nothing downloaded. Progress: a tqdm bar on a terminal, a plain line per
@@ -18,6 +19,17 @@ follow LIP: the figure faces the camera, so its *left* arm, leg and shoe
 (with a per-image jitter and per-pixel noise), so a small model can learn the
 task; image sizes vary around ``--size`` (height) and are mostly portrait, so
 the data set's aspect-ratio handling is exercised.
+
+``--layout cihp`` writes the CIHP layout instead (SPEC section 11):
+``OUT/Training/{Images,Category_ids,Human_ids,Instance_ids}/<id>`` (7-digit ids,
+``.jpg`` / ``.png``) with ``OUT/Training/train_id.txt``, and ``OUT/Validation/``
+with ``val_id.txt``. Each image holds 2 or 3 of the figures above side by side,
+of different sizes and heights in the image, consecutive ones often
+overlapping a little (the later one in front); ``Human_ids`` numbers them 1..N
+from left to right, ``Instance_ids`` is ``20 * (person - 1) + class`` on
+labelled pixels and 0 elsewhere. Classes follow CIHP: no jumpsuits (outfits
+cycle through the other three), class 10 is Torso-skin (a neck and a V of chest
+skin on every figure).
 
 Deterministic: the same arguments write the same files (each image draws from a
 generator seeded by (seed, split, index)).
@@ -59,12 +71,18 @@ CLASS_COLOURS = np.array([
 ], dtype=np.float32)
 
 OUTFITS = ("upper+pants", "coat+skirt", "dress", "jumpsuit")
+CIHP_OUTFITS = OUTFITS[:3]  # CIHP has no Jumpsuits class
+TORSO_SKIN = 10  # CIHP's class 10
+CIHP_COLOURS = CLASS_COLOURS.copy()
+CIHP_COLOURS[TORSO_SKIN] = (240, 200, 175)  # Torso-skin instead of LIP's Jumpsuits
 ACCESSORIES = ("hat", "sunglasses", "scarf", "gloves", "socks")
 
 
 def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str,
-                  accessories: set):
-    """Draws the label map (mode 'L' PIL image) of one figure."""
+                  accessories: set, torso_skin: bool = False):
+    """Draws the label map (mode 'L' PIL image) of one figure. ``torso_skin``:
+    adds CIHP's class 10 (Torso-skin) as a neck and a V of chest skin (no random
+    draws: the figure is otherwise the same)."""
     from PIL import Image, ImageDraw
 
     lab = Image.new("L", (width, height), 0)
@@ -133,6 +151,10 @@ def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str
         for sgn in (1, -1):
             d.line([(cx + sgn * leg_dx, hip_y - fh * 0.02),
                     (cx + sgn * (leg_dx + spread * 0.8), y(0.80))], fill=10, width=lw(0.10))
+    if torso_skin:  # CIHP's Torso-skin: the neck and a V-neckline
+        d.rectangle([cx - bw * 0.1, y(0.15), cx + bw * 0.1, sh_y], fill=TORSO_SKIN)
+        d.polygon([(cx - bw * 0.25, sh_y), (cx + bw * 0.25, sh_y), (cx, y(0.33))],
+                  fill=TORSO_SKIN)
     # scarf
     if "scarf" in accessories:
         d.rectangle([cx - bw * 0.3, y(0.17), cx + bw * 0.3, y(0.23)], fill=11)
@@ -151,10 +173,11 @@ def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str
     return lab
 
 
-def _render(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+def _render(rng: np.random.Generator, label: np.ndarray,
+            class_colours: np.ndarray = CLASS_COLOURS) -> np.ndarray:
     """Colours a label map: class colours with jitter and noise on a textured background."""
     h, w = label.shape
-    colours = CLASS_COLOURS + rng.uniform(-20, 20, size=(1, 3)).astype(np.float32)
+    colours = class_colours + rng.uniform(-20, 20, size=(1, 3)).astype(np.float32)
     img = colours[label]
     # background: a random two-colour gradient plus blobs
     c0 = rng.uniform(40, 200, size=3)
@@ -186,20 +209,71 @@ def make_sample(seed: int, split: str, index: int, size: int = 96):
     return img, lab
 
 
+def make_cihp_sample(seed: int, split: str, index: int, size: int = 96):
+    """(RGB uint8 H x W x 3 image, uint8 Category_ids, uint8 Human_ids) of one
+    synthetic CIHP image: 2 or 3 figures side by side (consecutive ones often
+    overlapping a little, the later in front), persons numbered 1..N from left
+    to right, class 10 = Torso-skin, no jumpsuits."""
+    split_key = sum(split.encode())
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_key, int(index), 11]))
+    height = max(16, int(round(size * rng.uniform(0.85, 1.15))))
+    n = 2 + int(rng.random() < 0.5)
+    figures = []
+    for k in range(n):
+        fh = min(height, max(16, int(round(height * rng.uniform(0.6, 1.0)))))
+        fw = max(12, int(round(fh * rng.uniform(0.45, 0.65))))
+        outfit = CIHP_OUTFITS[(index * 3 + k) % len(CIHP_OUTFITS)]
+        acc = {a for a in ACCESSORIES if rng.random() < 0.4}
+        figures.append(np.asarray(_figure_label(rng, fw, fh, outfit, acc, torso_skin=True),
+                                  dtype=np.uint8))
+    xs = [0]
+    for k in range(1, n):
+        xs.append(xs[-1] + int(round(figures[k - 1].shape[1] * rng.uniform(0.55, 0.95))))
+    width = xs[-1] + figures[-1].shape[1]
+    category = np.zeros((height, width), dtype=np.uint8)
+    human = np.zeros((height, width), dtype=np.uint8)
+    for k, (x, lab) in enumerate(zip(xs, figures)):
+        fh, fw = lab.shape
+        y = int(rng.integers(0, height - fh + 1))
+        on = lab != 0
+        category[y:y + fh, x:x + fw][on] = lab[on]
+        human[y:y + fh, x:x + fw][on] = k + 1
+    # renumber 1..M in case a figure ended up fully hidden
+    present = [p for p in range(1, n + 1) if (human == p).any()]
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[present] = np.arange(1, len(present) + 1)
+    human = lut[human]
+    img = _render(rng, category.astype(np.int64), CIHP_COLOURS)
+    return img, category, human
+
+
+def cihp_instance_ids(category: np.ndarray, human: np.ndarray) -> np.ndarray:
+    """CIHP's Instance_ids as observed on its validation set: ``20 * (person - 1)
+    + class`` on labelled pixels, 0 elsewhere."""
+    inst = 20 * (human.astype(np.int64) - 1) + category.astype(np.int64)
+    return np.where((category != 0) & (human != 0), inst, 0).astype(np.uint8)
+
+
 def _write_text_atomic(path: str, text: str) -> None:
     with atomic_file(path, "w") as f:
         f.write(text)
 
 
+LAYOUTS = ("lip", "cihp")
+
+
 def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | None = None,
-                   quiet: bool = True, progress: str = "auto") -> dict:
-    """Writes the data set (see the module docstring); returns {split: [ids]}.
+                   quiet: bool = True, progress: str = "auto", layout: str = "lip") -> dict:
+    """Writes the data set (see the module docstring); returns {split: [ids]}
+    (splits ``train`` and ``val``). ``layout``: ``"lip"`` or ``"cihp"``.
     ``quiet=False`` reports progress (``progress``: ``auto``, ``bar``, ``lines``
     or ``off``, see :class:`lipfast._train_utils.Progress`) and a line per split."""
     from PIL import Image
 
     from .._train_utils import PROGRESS_MODES, Progress
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
     if progress not in PROGRESS_MODES:
         raise ValueError(f"--progress must be one of {PROGRESS_MODES}, got {progress!r}")
 
@@ -212,6 +286,8 @@ def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | N
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"--size must be an integer >= 16, got {size!r}")
     out = os.fspath(out)
+    if layout == "cihp":
+        return _write_cihp(out, images, size, seed, val, quiet, progress)
     result = {}
     for split, n in (("train", images), ("val", val)):
         if n == 0:
@@ -238,9 +314,49 @@ def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | N
     return result
 
 
+def _write_cihp(out: str, images: int, size: int, seed: int, val: int, quiet: bool,
+                progress: str) -> dict:
+    from PIL import Image
+
+    from .._train_utils import Progress
+    from .cihp import CIHP_SPLITS
+
+    result = {}
+    for split, n in (("train", images), ("val", val)):
+        if n == 0:
+            continue
+        folder, id_name = CIHP_SPLITS[split]
+        base = os.path.join(out, folder)
+        dirs = {k: os.path.join(base, k)
+                for k in ("Images", "Category_ids", "Human_ids", "Instance_ids")}
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+        ids = []
+        prog = Progress(n, prefix=f"synthetic {folder}", every=max(1, n // 4),
+                        mode="off" if quiet else progress)
+        for i in range(n):
+            sid = f"{i:07d}"
+            img, cat, hum = make_cihp_sample(seed, split, i, size)
+            Image.fromarray(img, "RGB").save(os.path.join(dirs["Images"], sid + ".jpg"),
+                                             quality=95)
+            Image.fromarray(cat, "L").save(os.path.join(dirs["Category_ids"], sid + ".png"))
+            Image.fromarray(hum, "L").save(os.path.join(dirs["Human_ids"], sid + ".png"))
+            Image.fromarray(cihp_instance_ids(cat, hum), "L").save(
+                os.path.join(dirs["Instance_ids"], sid + ".png"))
+            ids.append(sid)
+            prog.update(i + 1)
+        prog.close()
+        _write_text_atomic(os.path.join(base, id_name), "\n".join(ids) + "\n")
+        result[split] = ids
+        if not quiet:
+            print(f"synthetic: wrote {n} {folder} images to {out} (CIHP layout)")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lipfast.data.synthetic",
-                                description="Write a small synthetic LIP-layout data set.")
+                                description="Write a small synthetic LIP- or CIHP-layout "
+                                            "data set.")
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--images", type=int, required=True, help="number of training images")
     p.add_argument("--size", type=int, default=96, help="nominal image height (default 96)")
@@ -249,10 +365,13 @@ def main(argv=None) -> int:
                    help="number of validation images (default max(2, images // 4))")
     p.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto",
                    help="auto: a tqdm bar on a terminal, plain lines otherwise")
+    p.add_argument("--layout", choices=LAYOUTS, default="lip",
+                   help="lip (default): one figure per image, LIP layout; cihp: 2-3 figures "
+                        "per image, CIHP layout (Training/, Validation/)")
     args = p.parse_args(argv)
     try:
         make_synthetic(args.out, args.images, args.size, args.seed, args.val, quiet=False,
-                       progress=args.progress)
+                       progress=args.progress, layout=args.layout)
     except ValueError as err:
         p.error(str(err))
     return 0
