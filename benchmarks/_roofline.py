@@ -26,7 +26,7 @@ Ceilings, measured in the same run:
         matmuls in bf16, fp16, tf32 and fp32 (tensor cores off), or the figures of
         an earlier ``gpu_ceilings.py --json PATH`` given with ``--ceilings PATH``
 
-``--model h200`` adds the floor an H200 (SXM) would have by its data sheet (HBM3e
+``--datasheet h200`` adds the floor an H200 (SXM) would have by its data sheet (HBM3e
 4.8 TB/s; dense bf16/fp16 989 TFLOP/s, tf32 494, plain fp32 67), so a CPU table
 says now what the GPU table should approach. Rates by dtype: fp32 rows use the
 fp32 rate (CUDA: tf32 where the row's kernels may use TF32: cuDNN convolutions with
@@ -158,7 +158,7 @@ def floor(nbytes: float, flops: float, ceil: Ceilings, dtype: str = "fp32") -> d
 
 
 class Roofline:
-    """The run's ceilings (measured) and the data-sheet models asked for."""
+    """The run's ceilings (measured) and the data sheets asked for (--datasheet)."""
 
     def __init__(self, measured: Ceilings | None, models=()):
         self.measured = measured
@@ -188,7 +188,7 @@ class Roofline:
             lines.append(f"ceilings: {fmt_bw(c.bandwidth_GBps)}, {rates} ({c.source})")
         for m, c in self.models.items():
             rates = ", ".join(f"{k} {fmt_rate(v)}" for k, v in c.compute_GFLOPs.items())
-            lines.append(f"model {m}: {fmt_bw(c.bandwidth_GBps)}, {rates} ({c.source})")
+            lines.append(f"data sheet {m}: {fmt_bw(c.bandwidth_GBps)}, {rates} ({c.source})")
         lines.append("floor = max(bytes / bandwidth, FLOPs / rate); 'of floor' = floor / "
                      "median (1 = at the floor); m/c = memory- or compute-bound")
         return lines
@@ -246,27 +246,39 @@ def fmt_count(x: float | None, unit: str = "") -> str:
 # --------------------------------------------------------------------------- options
 
 
+class _RenamedToDatasheet(argparse.Action):
+    """The old name of --datasheet: refused with a pointer to the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"--model {values} is now --datasheet {values} (GPU data sheets: "
+                     f"{', '.join(sorted(DATASHEETS))})")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "floor (benchmarks/_roofline.py)",
         "  per row: floor = max(bytes / bandwidth, FLOPs / rate) with the ceilings "
         "measured in this\n  run, and the fraction achieved (floor / median)")
-    g.add_argument("--model", action="append", choices=sorted(DATASHEETS), default=None,
-                   help="also print the floor this device would have by its data sheet "
-                        "(h200: 4.8 TB/s, bf16 989 / tf32 494 / fp32 67 TFLOP/s); repeatable")
+    g.add_argument("--datasheet", action="append", choices=sorted(DATASHEETS), default=None,
+                   metavar="GPU",
+                   help="also print the floor this GPU would have by its data sheet, one of "
+                        f"{', '.join(sorted(DATASHEETS))} (h200: 4.8 TB/s, bf16 989 / tf32 494 "
+                        "/ fp32 67 TFLOP/s); repeatable (formerly --model)")
+    if "--model" not in parser._option_string_actions:   # train_step.py's --model is the network
+        g.add_argument("--model", action=_RenamedToDatasheet, help=argparse.SUPPRESS)
     g.add_argument("--ceilings", metavar="PATH", default=None,
                    help="CUDA: read the ceilings from gpu_ceilings.py --json PATH instead of "
                         "measuring them (measured when the file is missing)")
     g.add_argument("--no-floor", action="store_true",
-                   help="do not measure the ceilings (no floor column; --model still works)")
+                   help="do not measure the ceilings (no floor column; --datasheet still works)")
 
 
 def from_args(args, device, quick: bool) -> Roofline:
     """The run's Roofline: ceilings measured (after the thread count is set) unless
-    --no-floor, and the --model data sheets."""
+    --no-floor, and the --datasheet data sheets."""
     measured = None if getattr(args, "no_floor", False) else measure(
         device, quick, getattr(args, "ceilings", None))
-    return Roofline(measured, getattr(args, "model", None) or ())
+    return Roofline(measured, getattr(args, "datasheet", None) or ())
 
 
 def announce(args, device, quick: bool) -> Roofline:

@@ -49,7 +49,7 @@ per block and training step:
 
 The rate: bf16 under --dtype bf16; float32 on CUDA is tf32 when
 torch.backends.cudnn.allow_tf32 (the default) lets cuDNN use TF32, else fp32.
-``--model h200`` adds the floor by the H200's data sheet.
+``--datasheet h200`` adds the floor by the H200's data sheet.
 
 Run: ``python benchmarks/abn.py [--device cuda] [--full] [--json out.json]``;
 ``--quick``: the small shapes, 1 warm-up and 3 rounds (a smoke run, seconds).

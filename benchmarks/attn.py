@@ -98,7 +98,7 @@ the eager reference module (convolutions and matmuls; matmul backward counted as
 2 x its forward, element-wise work 0), bytes = the module's input, output and
 parameters (forward) plus the output's gradient, the input's gradient and the
 parameters' gradients (backward): a lower bound, activations in between not
-counted. ``--model h200`` adds the floor by the H200's data sheet (4.8 TB/s; bf16
+counted. ``--datasheet h200`` adds the floor by the H200's data sheet (4.8 TB/s; bf16
 989, fp32 67 TFLOP/s).
 
 Run: ``python benchmarks/attn.py`` (CPU: small shapes, a few minutes on 2
@@ -1447,7 +1447,7 @@ def main(argv=None) -> dict:
         print("\n--also-abn: benchmarks/abn.py (In-Place ABN)\n", flush=True)
         abn_argv = ["--device", str(device)] + (
             ["--full"] if full else (["--quick"] if args.quick else ["--small"]))
-        abn_argv += [f"--model={m}" for m in (args.model or [])]
+        abn_argv += [f"--datasheet={m}" for m in (args.datasheet or [])]
         abn_argv += ["--no-floor"] if args.no_floor else []
         abn_argv += ["--ceilings", args.ceilings] if args.ceilings else []
         result["abn"] = _load("abn").main(abn_argv)

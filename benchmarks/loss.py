@@ -61,7 +61,7 @@ bytes), labels int64 (8 bytes); B x C x h x w logits, H x W labels:
   schp           parsing, fusion and edge logits read and their gradients
                  written, labels read: 2*4*B*(2C+2)*h*w + 8*B*H*W bytes,
                  16*B*(2C+2)*H*W FLOPs
-``--model h200`` adds the floor by the H200's data sheet.
+``--datasheet h200`` adds the floor by the H200's data sheet.
 
 Lovász memory (CPU; every device unless --no-rss): peak resident memory of one
 ``lovasz_softmax`` forward + backward on B x C x H x W logits already at label

@@ -47,7 +47,7 @@ resolution: argmax comparisons are not counted; with resize 8*B*C*H*W for the
 bilinear interpolation); the floor max(bytes / bandwidth, FLOPs / rate) with the
 ceilings measured in the same run (CPU: a large memory copy and a float32 matmul;
 CUDA: benchmarks/gpu_ceilings.py) and the fraction achieved (floor / median).
-``--model h200`` adds the floor by the H200's data sheet.
+``--datasheet h200`` adds the floor by the H200's data sheet.
 ``--json PATH`` writes the rows and the environment (benchmarks/_common.py).
 On a CPU where other processes keep half the cores or more busy at the start,
 the run uses one thread unless --threads says otherwise.

@@ -16,10 +16,11 @@
 #   tests_first  the CUDA tests of oc_attention and upsample_ce (pytest -m cuda)
 #   ceilings     benchmarks/gpu_ceilings.py --quick (copy GB/s, matmul TFLOP/s)
 #   bench_quick  every benchmark at its --quick shapes (floors against the ceilings
-#                and the H200 data sheet: --model h200)
+#                and the H200 data sheet: --datasheet h200)
 #   tests_rest   the other CUDA tests
 #   bench_full   the full shapes: attn bf16, attn fp32, abn, abn bf16, loss, miou,
-#                train_step, parse (lipfast.Parser bf16 vs SCHP's extractor), then
+#                train_step, train_step --model hrnetv2_w48 (bf16, 473x473, B=8),
+#                parse (lipfast.Parser bf16 vs SCHP's extractor), then
 #                train_step --max-batch
 #   resources    nvcc -Xptxas -v of the CUDA kernels (registers, spills)
 #   memcheck     compute-sanitizer memcheck over the CUDA kernels' tests
@@ -59,7 +60,7 @@ for a in "$@"; do
   case $a in
     --dry-run) MODE=dry ;;
     --plan) MODE=plan ;;
-    -h|--help) sed -n '2,50p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo pipefail/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pos+=("$a") ;;
   esac
 done
@@ -261,7 +262,7 @@ fi
 
 # --------------------------------------------------------------------------- plan
 L=$LOGS
-CEIL=(--ceilings "$L/ceilings.json" --model h200)
+CEIL=(--ceilings "$L/ceilings.json" --datasheet h200)
 if want build; then
   step build build 200 sh env MAX_JOBS="$JOBS" "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
   step build_info build 30 sh "$PY" -c "import lipfast, json; print(json.dumps(lipfast.build_info()))"
@@ -293,6 +294,8 @@ if want bench_full; then
   step loss bench_full 90 bench "$PY" benchmarks/loss.py --full --no-rss "${CEIL[@]}" --json "$L/loss.json"
   step miou bench_full 60 bench "$PY" benchmarks/miou.py "${CEIL[@]}" --json "$L/miou.json"
   step train_step bench_full 120 bench "$PY" benchmarks/train_step.py "${CEIL[@]}" --json "$L/train_step.json"
+  # issue 14: HRNetV2-W48 (seg head) bf16 473x473 B=8, timed rounds capped at 20 s
+  step train_step_hrnet bench_full 90 bench "$PY" benchmarks/train_step.py --model hrnetv2_w48 --max-time 20 "${CEIL[@]}" --json "$L/train_step_hrnet.json"
   step parse bench_full 90 bench "$PY" benchmarks/parse.py --dtype bf16 --images 8 --json "$L/parse.json"
   step train_step_max_batch bench_full 240 bench "$PY" benchmarks/train_step.py --max-batch --no-floor --json "$L/train_step_max_batch.json"
 fi

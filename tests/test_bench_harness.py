@@ -373,6 +373,22 @@ def test_parse_only(name, monkeypatch, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("name", ("attn", "abn", "loss", "miou", "train_step"))
+def test_datasheet_option(name, capsys):
+    """--datasheet h200 adds the data-sheet floor (it was --model before train_step.py's
+    --model picked the network); the old spelling is refused with a pointer to it."""
+    mod = _load(name)
+    args = mod.build_parser().parse_args(["--datasheet", "h200", "--datasheet", "h200"])
+    assert args.datasheet == ["h200", "h200"]
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--parse-only", "--datasheet", "h200"])
+    assert e.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--parse-only", "--model", "h200"])
+    assert e.value.code == 2 and "--datasheet h200" in capsys.readouterr().err
+
+
 def test_formulas():
     attn, abn, loss, miou = (_load(n) for n in ("attn", "abn", "loss", "miou"))
     cfg = attn._core(2, 30, 30, 64, 32)
@@ -454,7 +470,7 @@ def _check_spread(d, med="ms", lo="p20_ms", hi="p80_ms", rounds=None):
 @pytest.mark.slow
 def test_smoke_attn(tmp_path):
     data = _smoke(tmp_path, "attn", "--quick", "--rows", "lip-os16", "--threads", "1",
-                  "--model", "h200")
+                  "--datasheet", "h200")
     assert not data["aborted"] and not data["partial"]
     assert data["roofline"]["measured"]["bandwidth_GBps"] > 0
     for r in (r for r in data["results"] if r["status"] == "ok"):
