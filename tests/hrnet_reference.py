@@ -242,3 +242,93 @@ class HRNetRef(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+# ------------------------------------------------------------- heads on HRNet (issue 14)
+
+
+class BNLeaky(nn.BatchNorm2d):
+    """CE2P's norm with activation, written out: BatchNorm2d (momentum 0.1, eps 1e-5)
+    then leaky_relu(0.01)."""
+
+    def forward(self, x):
+        z = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.leaky_relu(z, 0.01)
+
+
+def _up_true(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class HRNetHeadsRef(HRNetRef):
+    """HRNetRef's backbone with an optional context on the concatenated branches and
+    either ``last_layer`` (``head="seg"``) or CE2P's edge / decoder / fusion head
+    (``head="ce2p"``, SPEC section 5, 256 / 48 mid channels, resizes inside the head
+    with align_corners=True), written with plain torch ops.
+
+    ``context``: ``None`` or a module (the OC module, e.g. the OCNet references of
+    tests/test_oc_modules.py) giving ``context_channels`` channels from 512; it is put
+    behind ``Conv2d(15w, 512, 3, padding=1, bias=True)`` + :class:`BNLeaky` as
+    ``context_encoding``. Keys: HRNetRef's (without ``last_layer`` for the CE2P head)
+    plus ``context_encoding.*``, ``edge.conv1..5``, ``decoder.conv1..4``,
+    ``fushion.{0,1,3}``."""
+
+    def __init__(self, num_classes: int = 20, width: int = 48, head: str = "ce2p",
+                 context: nn.Module | None = None, context_channels: int = 512,
+                 align_corners: bool = False):
+        super().__init__(num_classes, width, align_corners)
+        self.head_kind = head
+        last = sum(self.channels)
+        del self.last_layer
+        if context is not None:
+            self.context_encoding = nn.Sequential(
+                nn.Conv2d(last, 512, 3, padding=1, bias=True), BNLeaky(512), context)
+            c = context_channels
+        else:
+            c = last
+        if head == "seg":
+            self.last_layer = nn.Sequential(
+                nn.Conv2d(c, c, 1, bias=True), _bn(c), nn.ReLU(inplace=False),
+                nn.Conv2d(c, num_classes, 1, bias=True))
+            return
+        w0, w1, w2 = self.channels[:3]
+        edge = nn.Module()
+        edge.conv1 = nn.Sequential(nn.Conv2d(w0, 256, 1, bias=False), BNLeaky(256))
+        edge.conv2 = nn.Sequential(nn.Conv2d(w1, 256, 1, bias=False), BNLeaky(256))
+        edge.conv3 = nn.Sequential(nn.Conv2d(w2, 256, 1, bias=False), BNLeaky(256))
+        edge.conv4 = nn.Conv2d(256, 2, 3, padding=1, bias=True)
+        edge.conv5 = nn.Conv2d(6, 2, 1, bias=True)
+        self.edge = edge
+        dec = nn.Module()
+        dec.conv1 = nn.Sequential(nn.Conv2d(c, 256, 1, bias=False), BNLeaky(256))
+        dec.conv2 = nn.Sequential(nn.Conv2d(w0, 48, 1, bias=False), BNLeaky(48))
+        dec.conv3 = nn.Sequential(nn.Conv2d(304, 256, 1, bias=False), BNLeaky(256),
+                                  nn.Conv2d(256, 256, 1, bias=False), BNLeaky(256))
+        dec.conv4 = nn.Conv2d(256, num_classes, 1, bias=True)
+        self.decoder = dec
+        self.fushion = nn.Sequential(nn.Conv2d(1024, 256, 1, bias=False), BNLeaky(256),
+                                     nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1, bias=True))
+
+    def forward(self, x):
+        ys = self.features(x)
+        size = tuple(ys[0].shape[-2:])
+        cat = torch.cat([ys[0]] + [F.interpolate(y, size=size, mode="bilinear",
+                                                 align_corners=self.align_corners)
+                                   for y in ys[1:]], dim=1)
+        high = self.context_encoding(cat) if hasattr(self, "context_encoding") else cat
+        if self.head_kind == "seg":
+            return self.last_layer(high)
+        e = self.edge
+        f1, f2, f3 = e.conv1(ys[0]), e.conv2(ys[1]), e.conv3(ys[2])
+        e1, e2, e3 = e.conv4(f1), e.conv4(f2), e.conv4(f3)
+        edge = e.conv5(torch.cat([e1, _up_true(e2, size), _up_true(e3, size)], dim=1))
+        edge_fea = torch.cat([f1, _up_true(f2, size), _up_true(f3, size)], dim=1)
+        d = self.decoder
+        top = _up_true(d.conv1(high), size)
+        parsing_fea = d.conv3(torch.cat([top, d.conv2(ys[0])], dim=1))
+        parsing = d.conv4(parsing_fea)
+        fusion = self.fushion(torch.cat([parsing_fea, edge_fea], dim=1))
+        return [[parsing, fusion], [edge]]

@@ -299,6 +299,10 @@ class CE2P(nn.Module):
     (``ceil(ceil(H / 2) / 2)``, about H / 4).
     """
 
+    input_order = "BGR"
+    input_mean = LIP_MEAN
+    input_std = LIP_STD
+
     def __init__(self, num_classes: int = 20, context: str = "psp", output_stride: int = 16,
                  norm: str = "inplace_abn_sync", layers: Sequence[int] = (3, 4, 23, 3),
                  width_mult: float = 1.0, fuse_relu_conv: bool | None = None):

@@ -38,17 +38,18 @@ one of another width), a convolution followed by two different norms.
 
 Shared modules (the OC blocks' ``f_query`` is ``f_key``) are folded once and
 stay shared. Forward hooks on a folded norm go with it (the CPU-autocast
-hooks CE2P puts on its in-place norms are not needed any more: the folded model
-has no lipfast norm kernels); any other hook on a folded norm is dropped with a
-warning.
+hooks CE2P and HRNetV2 put on their in-place norms are not needed any more: the
+folded model has no lipfast norm kernels); any other hook on a folded norm is
+dropped with a warning.
 
 After folding, every lipfast module that would call a lipfast op is switched
-to its plain-PyTorch path: :class:`CE2P` and its Bottlenecks get
-``fuse_relu_conv = False`` (no :func:`lipfast.ops.relu_conv2d`) and the OC
-attention blocks ``attention = "torch"`` (:func:`lipfast.nn.oc.attention_torch`
-instead of :func:`lipfast.ops.oc_attention`). The result calls no
-``torch.ops.lipfast`` op, so ``torch.export``, ``torch.onnx.export`` and
-``torch.jit.trace`` take it as it is. It is in eval mode.
+to its plain-PyTorch path: :class:`CE2P` and its Bottlenecks, :class:`HRNetV2`
+and its blocks and modules get ``fuse_relu_conv = False`` (no
+:func:`lipfast.ops.relu_conv2d`) and the OC attention blocks ``attention =
+"torch"`` (:func:`lipfast.nn.oc.attention_torch` instead of
+:func:`lipfast.ops.oc_attention`). The result calls no ``torch.ops.lipfast`` op,
+so ``torch.export``, ``torch.onnx.export`` and ``torch.jit.trace`` take it as it
+is. It is in eval mode.
 
 Numerics: the folded model equals the unfolded eval model up to float rounding
 (the tests check float32 outputs to ``1e-4 * max|out|`` and float64 to
@@ -66,11 +67,13 @@ import torch.nn as nn
 from ..nn.abn import ABN, InPlaceABN
 from ..nn.oc import _SelfAttentionBase
 from .ce2p import CE2P, BatchNormAct, Bottleneck, _back_to_autocast_dtype, _float_on_cpu
+from .hrnet import FUSING_MODULES as _HRNET_FUSING
+from .hrnet import HRNetV2
 
 __all__ = ["fold_norms"]
 
-# Hooks that CE2P registers on its in-place norms (only needed around lipfast's
-# float32 CPU norm kernels); they go with the norms silently.
+# Hooks that CE2P and HRNetV2 register on their in-place norms (only needed around
+# lipfast's float32 CPU norm kernels); they go with the norms silently.
 _OWN_HOOKS = (_float_on_cpu, _back_to_autocast_dtype)
 
 
@@ -216,7 +219,7 @@ def fold_norms(model: nn.Module, inplace: bool = False) -> nn.Module:
             for parent, name in slots:
                 setattr(parent, name, act)
     for m in model.modules():
-        if isinstance(m, (CE2P, Bottleneck)):
+        if isinstance(m, (CE2P, Bottleneck, HRNetV2) + _HRNET_FUSING):
             m.fuse_relu_conv = False
         if isinstance(m, _SelfAttentionBase):
             m.attention = "torch"

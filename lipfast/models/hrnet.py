@@ -1,13 +1,15 @@
 """HRNetV2 for parsing: HRNet-Semantic-Segmentation's segmentation HRNet (its
-``seg_hrnet.py``, LIP configuration) with lipfast's norms.
+``seg_hrnet.py``, LIP configuration) with lipfast's norms, its ``last_layer``
+head or CE2P's edge and fusion head, and optionally an OC context.
 
-:class:`HRNetV2` with ``head="seg"`` and ``norm="batchnorm"`` has their module
-names, ``Sequential`` indices and state_dict keys (``conv1``, ``bn1``, ``conv2``,
-``bn2``, ``layer1``, ``transition1..3``, ``stage2..4`` with ``branches`` and
-``fuse_layers``, ``last_layer.{0,1,3}``), so their ImageNet-pretrained
-``hrnetv2_w48_imagenet_pretrained.pth`` (the keys the model has) and their
-LIP checkpoints (``model.`` prefix stripped) load into it. With lipfast's
-in-place norms the keys are the same (``num_batches_tracked`` optional).
+:class:`HRNetV2` with ``head="seg"``, ``context=None`` and ``norm="batchnorm"``
+has their module names, ``Sequential`` indices and state_dict keys (``conv1``,
+``bn1``, ``conv2``, ``bn2``, ``layer1``, ``transition1..3``, ``stage2..4`` with
+``branches`` and ``fuse_layers``, ``last_layer.{0,1,3}``), so their
+ImageNet-pretrained ``hrnetv2_w48_imagenet_pretrained.pth`` (the keys the
+model has) and their LIP checkpoints (``model.`` prefix stripped) load into
+it. With lipfast's in-place norms the keys are the same (``num_batches_tracked``
+optional).
 
 Structure (width w = 18, 32 or 48; branch channels w, 2w, 4w, 8w):
 
@@ -20,21 +22,66 @@ Structure (width w = 18, 32 or 48; branch channels w, 2w, 4w, 8w):
   gets the sum of all branches (higher resolutions through stride-2 3x3
   convolutions, lower ones through a 1x1 conv + norm and a bilinear resize),
   followed by a ReLU;
-- ``last_layer``: the four branches resized to the first (1/4 of the input) and
-  concatenated (15 w channels), 1x1 conv (bias) + norm + ReLU, 1x1 conv to the
-  classes. ``forward(x)`` returns the B x classes x ceil(H/4) x ceil(W/4) logits.
+- the four branches resized to the first (1/4 of the input) and concatenated
+  (15 w channels): the *concatenated features*.
 
-Bilinear resizes use ``align_corners=False`` by default (their pytorch-v1.1
-branch and the HRNet-OCR LIP configuration). Norm momentum 0.01, as theirs.
+Context (``context=``, default ``None``): an OCNet object-context module on the
+concatenated features, ``context_encoding`` = ``Sequential(Conv2d(15w, 512, 3,
+padding=1, bias=True), act(512), <OC module>)`` built as CE2P builds its OC
+contexts (:mod:`lipfast.models.ce2p`; ``act`` = CE2P's norm + leaky_relu(0.01)):
+``"base_oc"``: ``BaseOCModule(512, 512, 256, 256, 0.05, [1])``;
+``"pyramid_oc"``: ``PyramidOCModule(512, 512, 0.05, [1, 2, 3, 6])``;
+``"asp_oc"``: ``ASPOCModule(512, 256, (12, 24, 36), head="current")``. All three
+give 512 channels (``context_channels``; 15 w without a context).
+
+Heads (``head=``):
+
+- ``"seg"`` (default): ``last_layer`` = 1x1 conv (bias) C -> C + norm + ReLU,
+  1x1 conv (bias) C -> classes, on the concatenated features (C = 15 w) or on the
+  context's output (C = 512). ``forward(x)`` returns the B x classes x
+  ceil(H/4) x ceil(W/4) logits (a tensor).
+- ``"ce2p"``: CE2P's edge branch and fusion head (:class:`~lipfast.models.ce2p.EdgeModule`,
+  :class:`~lipfast.models.ce2p.DecoderModule` and ``fushion``, built as in CE2P
+  with its norm + leaky_relu(0.01) norms and its align_corners=True resizes inside
+  them): ``edge`` on branches 0, 1, 2 (w, 2w, 4w channels; 256 mid channels);
+  ``decoder`` with the context's output (or the concatenated features) as its
+  high-level input and branch 0 as its low-level input (256 / 48 mid channels);
+  ``fushion`` = (1x1 conv 1024 -> 256, norm, Dropout2d(0.1), 1x1 conv (bias) to
+  the classes) on the decoder's and the edge branch's features. No
+  ``last_layer``. ``forward(x)`` returns ``[[parsing, fusion], [edge]]`` at
+  branch 0's size, CE2P's output format (``lipfast.losses.SCHPCriterion`` takes
+  it; evaluation uses ``fusion``).
+
+Bilinear resizes of the backbone and of the concatenation use
+``align_corners=False`` by default (their pytorch-v1.1 branch and the HRNet-OCR
+LIP configuration). Backbone and ``last_layer`` norm momentum 0.01, as theirs;
+the CE2P head and the context keep CE2P's norms (momentum 0.1).
 
 Norms (``norm=``): ``"inplace_abn_sync"`` (default), ``"inplace_abn"`` (lipfast's
-In-Place ABN with the identity activation, followed where upstream has one by
-a separate out-of-place ReLU: the in-place layers scale by ``|w| + eps``, and
+In-Place ABN; in the backbone and ``last_layer`` with the identity activation,
+followed where upstream has one by a separate out-of-place ReLU; in the CE2P
+head and the context with leaky_relu(0.01)), or ``"batchnorm"``
+(``nn.BatchNorm2d``, upstream's; :class:`~lipfast.models.ce2p.BatchNormAct` in
+the CE2P head and the context). The in-place layers scale by ``|w| + eps``, and
 their outputs are never modified in place afterwards: every residual and fuse
-sum makes a new tensor), or ``"batchnorm"`` (``nn.BatchNorm2d``, upstream's).
+sum makes a new tensor. state_dict keys are the same for all three norms. Under
+CPU autocast each in-place norm gets a float32 copy of its input and its output
+goes back to the autocast dtype (hooks, as in CE2P).
+
+Memory (``fuse_relu_conv``, on by default with the in-place norms, a settable
+attribute): where a ReLU output feeds only a convolution the pair runs as
+:func:`lipfast.ops.relu_conv2d` (saves the norm's output, which the in-place
+norm keeps anyway, instead of the ReLU's): the stem's relu(bn1) -> conv2, every
+Bottleneck's relu(bn1) -> conv2 and relu(bn2) -> conv3, every BasicBlock's
+relu(bn1) -> conv2, the intermediate steps of the fuse layers (conv + norm +
+ReLU, then the next stride-2 conv) and of multi-step transitions, and
+``last_layer``'s ReLU -> ``last_layer.3``. The same values and gradients;
+module names and state_dict keys stay; only ``forward`` changes (forward hooks
+on those ReLU modules do not fire while fused).
 
 Input: B x 3 x H x W, **RGB** in [0, 1] normalised with :data:`HRNET_MEAN` /
-:data:`HRNET_STD` (ImageNet's, RGB order; unlike SCHP's BGR).
+:data:`HRNET_STD` (ImageNet's, RGB order; unlike SCHP's BGR); the class
+attributes ``input_order``, ``input_mean``, ``input_std`` say so.
 
 Loading: :func:`lipfast.models.load_imagenet` takes their ImageNet file
 (classifier-only keys skipped and reported, ``last_layer`` left as it is);
@@ -42,9 +89,14 @@ Loading: :func:`lipfast.models.load_imagenet` takes their ImageNet file
 prefix of their FullModel wrapper, inside a ``state_dict`` entry or not, is
 stripped).
 
-Not yet here (the rest of the HRNetV2 work): the CE2P edge/fusion head
-(``head="ce2p"``) and OC contexts on the concatenated features, ``relu_conv2d``
-fusion, the training and evaluation tools' ``--model`` option.
+Inference and export: :meth:`HRNetV2.for_inference` (a
+:func:`lipfast.models.fold_norms` copy: norms folded, ``fuse_relu_conv`` off, OC
+attention in plain PyTorch).
+
+The tools take it by name (:func:`lipfast.models.build`: ``hrnetv2_w18``,
+``hrnetv2_w32``, ``hrnetv2_w48``): ``python -m lipfast.train --model
+hrnetv2_w48 [--head seg] [--context asp_oc]``, and ``lipfast.evaluate``,
+``lipfast.parse`` and ``lipfast.export`` build it from its checkpoints.
 """
 
 from __future__ import annotations
@@ -56,19 +108,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.abn import InPlaceABN, InPlaceABNSync
-from .ce2p import _back_to_autocast_dtype, _float_on_cpu
+from ..nn.oc import ASPOCModule, BaseOCModule, PyramidOCModule
+from .ce2p import (DecoderModule, EdgeModule, _back_to_autocast_dtype, _float_on_cpu, _norms,
+                   _relu_conv)
 
-__all__ = ["HRNetV2", "HRNET_MEAN", "HRNET_STD", "HRNET_WIDTHS", "HRNET_IMAGENET_ONLY"]
+__all__ = ["HRNetV2", "HRNET_MEAN", "HRNET_STD", "HRNET_WIDTHS", "HRNET_HEADS",
+           "HRNET_CONTEXTS", "HRNET_IMAGENET_ONLY"]
 
 #: ImageNet normalisation, RGB order (HRNet-Semantic-Segmentation's).
 HRNET_MEAN = (0.485, 0.456, 0.406)
 HRNET_STD = (0.229, 0.224, 0.225)
 HRNET_WIDTHS = (18, 32, 48)
+HRNET_HEADS = ("seg", "ce2p")
+HRNET_CONTEXTS = (None, "base_oc", "pyramid_oc", "asp_oc")
 #: top-level modules of the ImageNet classification HRNet that the segmentation
 #: network does not have (skipped by :func:`lipfast.models.load_imagenet`)
 HRNET_IMAGENET_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
 _NORMS = ("inplace_abn_sync", "inplace_abn", "batchnorm")
 _MOMENTUM = 0.01
+#: top-level modules of the backbone (see :meth:`HRNetV2.backbone_parameters`)
+_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "stage2",
+             "transition2", "stage3", "transition3", "stage4")
+# CE2P's head and context widths (CE2P at width_mult 1)
+_CTX, _MID, _LOW_MID = 512, 256, 48
 
 
 def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
@@ -82,13 +144,37 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
+def _chain(fuse: bool, steps: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``steps(x)`` for a Sequential of ``Sequential(conv, norm[, ReLU])`` steps; with
+    ``fuse`` each ReLU that feeds the next step's convolution runs with it as
+    :func:`lipfast.ops.relu_conv2d` (the last step's ReLU, if any, stays plain)."""
+    if not fuse:
+        return steps(x)
+    pending = None          # a ReLU not applied to x yet (it goes into the next conv)
+    last = len(steps) - 1
+    for k, step in enumerate(steps):
+        conv = step[0]
+        x = conv(x) if pending is None else _relu_conv(True, pending, conv, x)
+        x = step[1](x)
+        pending = None
+        if len(step) > 2:
+            if k < last:
+                pending = step[2]
+            else:
+                x = step[2](x)
+    return x
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with norms, the input added, ReLU (out of place)."""
+    """Two 3x3 convolutions with norms, the input added, ReLU (out of place).
+    ``fuse_relu_conv``: relu(bn1) -> conv2 as :func:`lipfast.ops.relu_conv2d`."""
 
     expansion = 1
 
-    def __init__(self, cin: int, cout: int, norm: Callable[[int], nn.Module]):
+    def __init__(self, cin: int, cout: int, norm: Callable[[int], nn.Module],
+                 fuse_relu_conv: bool = False):
         super().__init__()
+        self.fuse_relu_conv = bool(fuse_relu_conv)
         self.conv1 = _conv3x3(cin, cout)
         self.bn1 = norm(cout)
         self.conv2 = _conv3x3(cout, cout)
@@ -96,19 +182,22 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = _relu_conv(self.fuse_relu_conv, self.relu, self.conv2, self.bn1(self.conv1(x)))
+        out = self.bn2(out)
         return self.relu(out + x)
 
 
 class Bottleneck(nn.Module):
-    """1x1, 3x3, 1x1 (x4 channels) with norms, the (downsampled) input added, ReLU."""
+    """1x1, 3x3, 1x1 (x4 channels) with norms, the (downsampled) input added, ReLU.
+    ``fuse_relu_conv``: relu(bn1) -> conv2 and relu(bn2) -> conv3 as
+    :func:`lipfast.ops.relu_conv2d`."""
 
     expansion = 4
 
     def __init__(self, cin: int, planes: int, norm: Callable[[int], nn.Module],
-                 downsample: nn.Module | None = None):
+                 downsample: nn.Module | None = None, fuse_relu_conv: bool = False):
         super().__init__()
+        self.fuse_relu_conv = bool(fuse_relu_conv)
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
         self.bn1 = norm(planes)
         self.conv2 = _conv3x3(planes, planes)
@@ -119,24 +208,30 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fuse = self.fuse_relu_conv
+        out = _relu_conv(fuse, self.relu, self.conv2, self.bn1(self.conv1(x)))
+        out = _relu_conv(fuse, self.relu, self.conv3, self.bn2(out))
+        out = self.bn3(out)
         residual = x if self.downsample is None else self.downsample(x)
         return self.relu(out + residual)
 
 
 class HighResolutionModule(nn.Module):
     """One multi-resolution module: ``branches`` (4 BasicBlocks each) then
-    ``fuse_layers`` (every branch receives the sum of all, ReLU)."""
+    ``fuse_layers`` (every branch receives the sum of all, ReLU).
+    ``fuse_relu_conv``: the ReLUs inside the fuse layers' stride-2 chains go into
+    the next convolution as :func:`lipfast.ops.relu_conv2d` (the BasicBlocks have
+    their own flag)."""
 
     def __init__(self, channels: Sequence[int], norm: Callable[[int], nn.Module],
-                 align_corners: bool, blocks: int = 4):
+                 align_corners: bool, blocks: int = 4, fuse_relu_conv: bool = False):
         super().__init__()
+        self.fuse_relu_conv = bool(fuse_relu_conv)
         self.align_corners = align_corners
         self.channels = list(channels)
         self.branches = nn.ModuleList([
-            nn.Sequential(*[BasicBlock(c, c, norm) for _ in range(blocks)]) for c in channels])
+            nn.Sequential(*[BasicBlock(c, c, norm, fuse_relu_conv) for _ in range(blocks)])
+            for c in channels])
         n = len(channels)
         fuse = []
         for i in range(n):
@@ -163,10 +258,11 @@ class HighResolutionModule(nn.Module):
 
     def forward(self, xs: list) -> list:
         xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        fuse = self.fuse_relu_conv
         out = []
         for i, row in enumerate(self.fuse_layers):
             size = xs[i].shape[-2:]
-            y = xs[0] if i == 0 else row[0](xs[0])
+            y = xs[0] if i == 0 else _chain(fuse, row[0], xs[0])
             for j in range(1, len(xs)):
                 if j == i:
                     y = y + xs[j]
@@ -174,7 +270,7 @@ class HighResolutionModule(nn.Module):
                     y = y + F.interpolate(row[j](xs[j]), size=size, mode="bilinear",
                                           align_corners=self.align_corners)
                 else:
-                    y = y + row[j](xs[j])
+                    y = y + _chain(fuse, row[j], xs[j])
             out.append(self.relu(y))
         return out
 
@@ -195,73 +291,147 @@ def _transition(pre: Sequence[int], cur: Sequence[int], norm) -> nn.ModuleList:
     return nn.ModuleList(layers)
 
 
+#: the module classes with a ``fuse_relu_conv`` flag (set off by fold_norms)
+FUSING_MODULES = (BasicBlock, Bottleneck, HighResolutionModule)
+
+
 class HRNetV2(nn.Module):
     """HRNetV2 segmentation network (see the module docstring).
 
     Args:
         num_classes: parsing classes (LIP: 20).
         width: 18, 32 or 48 (HRNetV2-W48: the seed's parsing backbone).
-        head: ``"seg"`` (HRNet-Semantic-Segmentation's ``last_layer``).
-        context: ``None`` (OC contexts on the HRNet features are not written yet).
+        head: ``"seg"`` (HRNet-Semantic-Segmentation's ``last_layer``; forward returns
+            the logits) or ``"ce2p"`` (CE2P's edge branch, decoder and fusion head;
+            forward returns ``[[parsing, fusion], [edge]]``).
+        context: ``None`` or an OCNet context on the concatenated features:
+            ``"base_oc"``, ``"pyramid_oc"``, ``"asp_oc"`` (as in CE2P; 512 channels).
         norm: ``"inplace_abn_sync"``, ``"inplace_abn"`` or ``"batchnorm"``.
-        align_corners: of the bilinear resizes (default False, upstream's LIP setting).
+        align_corners: of the backbone's and the concatenation's bilinear resizes
+            (default False, upstream's LIP setting; CE2P's head modules keep their
+            own align_corners=True).
+        fuse_relu_conv: run the ReLU -> conv pairs as :func:`lipfast.ops.relu_conv2d`
+            (same values and gradients, less saved memory after an in-place norm).
+            ``None`` (default): on for the in-place norms, off for ``"batchnorm"``.
+            Also a settable attribute.
+
+    Outputs are at branch 0's size, ``ceil(ceil(H / 2) / 2)`` x ``ceil(ceil(W / 2) / 2)``.
+    Attributes: the constructor values ``num_classes``, ``width``, ``head``,
+    ``context``, ``norm``, ``align_corners``, ``fuse_relu_conv``; ``channels`` (the
+    four branch widths), ``context_channels`` (what the head gets: 15 w or 512).
     """
+
+    input_order = "RGB"
+    input_mean = HRNET_MEAN
+    input_std = HRNET_STD
 
     def __init__(self, num_classes: int = 20, width: int = 48, head: str = "seg",
                  context: str | None = None, norm: str = "inplace_abn_sync",
-                 align_corners: bool = False):
+                 align_corners: bool = False, fuse_relu_conv: bool | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"HRNetV2: num_classes must be an int >= 1, got {num_classes!r}")
-        if width not in HRNET_WIDTHS or isinstance(width, bool):
+        if isinstance(width, bool) or width not in HRNET_WIDTHS:
             raise ValueError(f"HRNetV2: width must be one of {HRNET_WIDTHS}, got {width!r}")
-        if head != "seg":
-            raise ValueError(f"HRNetV2: head must be 'seg' (the CE2P head is not written yet), "
-                             f"got {head!r}")
-        if context is not None:
-            raise ValueError(f"HRNetV2: context must be None (OC contexts on HRNet are not "
-                             f"written yet), got {context!r}")
-        if norm not in _NORMS:
+        if not isinstance(head, str) or head not in HRNET_HEADS:
+            raise ValueError(f"HRNetV2: head must be one of {HRNET_HEADS}, got {head!r}")
+        if context is not None and (not isinstance(context, str)
+                                    or context not in HRNET_CONTEXTS):
+            raise ValueError(f"HRNetV2: context must be one of {HRNET_CONTEXTS}, got "
+                             f"{context!r}")
+        if not isinstance(norm, str) or norm not in _NORMS:
             raise ValueError(f"HRNetV2: norm must be one of {_NORMS}, got {norm!r}")
         if not isinstance(align_corners, bool):
             raise ValueError(f"HRNetV2: align_corners must be a bool, got {align_corners!r}")
+        if fuse_relu_conv is not None and not isinstance(fuse_relu_conv, bool):
+            raise ValueError(f"HRNetV2: fuse_relu_conv must be None, True or False, got "
+                             f"{fuse_relu_conv!r}")
+        fuse = norm != "batchnorm" if fuse_relu_conv is None else fuse_relu_conv
+        self._fuse_relu_conv = fuse
         self.num_classes, self.width, self.head, self.context = num_classes, width, head, context
         self.norm, self.align_corners = norm, align_corners
         nf = _norm_factory(norm)
+        _, act = _norms(norm)   # CE2P's norm + leaky_relu(0.01), for the head and context
         self.conv1 = _conv3x3(3, 64, 2)
         self.bn1 = nf(64)
         self.conv2 = _conv3x3(64, 64, 2)
         self.bn2 = nf(64)
         self.relu = nn.ReLU(inplace=False)
         down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nf(256))
-        self.layer1 = nn.Sequential(Bottleneck(64, 64, nf, down),
-                                    *[Bottleneck(256, 64, nf) for _ in range(3)])
+        self.layer1 = nn.Sequential(Bottleneck(64, 64, nf, down, fuse),
+                                    *[Bottleneck(256, 64, nf, None, fuse) for _ in range(3)])
         ch = [width * 2 ** i for i in range(4)]
+        self.channels = ch
         self.transition1 = _transition([256], ch[:2], nf)
-        self.stage2 = nn.Sequential(HighResolutionModule(ch[:2], nf, align_corners))
+        self.stage2 = nn.Sequential(HighResolutionModule(ch[:2], nf, align_corners,
+                                                         fuse_relu_conv=fuse))
         self.transition2 = _transition(ch[:2], ch[:3], nf)
-        self.stage3 = nn.Sequential(*[HighResolutionModule(ch[:3], nf, align_corners)
+        self.stage3 = nn.Sequential(*[HighResolutionModule(ch[:3], nf, align_corners,
+                                                           fuse_relu_conv=fuse)
                                       for _ in range(4)])
         self.transition3 = _transition(ch[:3], ch, nf)
-        self.stage4 = nn.Sequential(*[HighResolutionModule(ch, nf, align_corners)
+        self.stage4 = nn.Sequential(*[HighResolutionModule(ch, nf, align_corners,
+                                                           fuse_relu_conv=fuse)
                                       for _ in range(3)])
         last = sum(ch)
-        self.last_layer = nn.Sequential(
-            nn.Conv2d(last, last, 1, bias=True), nf(last), nn.ReLU(inplace=False),
-            nn.Conv2d(last, num_classes, 1, bias=True))
+        if context is None:
+            self.context_channels = last
+        else:
+            if context == "base_oc":
+                oc = BaseOCModule(_CTX, _CTX, _MID, _MID, 0.05, [1], norm_layer=act)
+                ctx_out = _CTX
+            elif context == "pyramid_oc":
+                oc = PyramidOCModule(_CTX, _CTX, 0.05, [1, 2, 3, 6], norm_layer=act)
+                ctx_out = _CTX
+            else:
+                oc = ASPOCModule(_CTX, _MID, (12, 24, 36), head="current", norm_layer=act)
+                ctx_out = 2 * _MID
+            self.context_encoding = nn.Sequential(
+                nn.Conv2d(last, _CTX, 3, padding=1, bias=True), act(_CTX), oc)
+            self.context_channels = ctx_out
+        c = self.context_channels
+        if head == "seg":
+            self.last_layer = nn.Sequential(
+                nn.Conv2d(c, c, 1, bias=True), nf(c), nn.ReLU(inplace=False),
+                nn.Conv2d(c, num_classes, 1, bias=True))
+        else:
+            self.edge = EdgeModule(ch[:3], _MID, 2, norm=act)
+            self.decoder = DecoderModule(c, ch[0], num_classes, _MID, _LOW_MID, norm=act)
+            self.fushion = nn.Sequential(
+                nn.Conv2d(_MID + 3 * _MID, _MID, 1, bias=False),
+                act(_MID),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(_MID, num_classes, 1, bias=True),
+            )
         for m in self.modules():
             if isinstance(m, InPlaceABN):
                 m.register_forward_pre_hook(_float_on_cpu)
                 m.register_forward_hook(_back_to_autocast_dtype)
 
-    @staticmethod
-    def _next(transition: nn.ModuleList, ys: list) -> list:
+    @property
+    def fuse_relu_conv(self) -> bool:
+        """Whether the ReLU -> conv pairs run as :func:`lipfast.ops.relu_conv2d` (see
+        the module docstring). Settable; the blocks and modules follow."""
+        return self._fuse_relu_conv
+
+    @fuse_relu_conv.setter
+    def fuse_relu_conv(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"HRNetV2: fuse_relu_conv must be True or False, got {value!r}")
+        self._fuse_relu_conv = value
+        for m in self.modules():
+            if isinstance(m, FUSING_MODULES):
+                m.fuse_relu_conv = value
+
+    def _next(self, transition: nn.ModuleList, ys: list) -> list:
         out = []
         for i, t in enumerate(transition):
             if t is None:
                 out.append(ys[i])
-            else:
-                out.append(t(ys[i] if i < len(ys) else ys[-1]))
+            elif i < len(ys):   # Sequential(conv, norm, ReLU): the ReLU feeds a block
+                out.append(t(ys[i]))
+            else:               # a new branch: a chain of stride-2 steps from the last one
+                out.append(_chain(self._fuse_relu_conv, t, ys[-1]))
         return out
 
     def features(self, x: torch.Tensor) -> list:
@@ -273,20 +443,52 @@ class HRNetV2(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"HRNetV2 expects a floating-point image (RGB in [0, 1] normalised "
                             f"with HRNET_MEAN / HRNET_STD), got {x.dtype}")
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"HRNetV2 got an empty input of shape {tuple(x.shape)}")
+        x = _relu_conv(self._fuse_relu_conv, self.relu, self.conv2, self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(x))
         x = self.layer1(x)
         ys = self.stage2(self._next(self.transition1, [x]))
         ys = self.stage3(self._next(self.transition2, ys))
         return self.stage4(self._next(self.transition3, ys))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.features(x)
+    def concat(self, xs: list) -> torch.Tensor:
+        """The branches resized (bilinear) to branch 0 and concatenated: 15 w channels."""
         size = xs[0].shape[-2:]
         up = [xs[0]] + [F.interpolate(t, size=size, mode="bilinear",
                                       align_corners=self.align_corners) for t in xs[1:]]
-        return self.last_layer(torch.cat(up, 1))
+        return torch.cat(up, 1)
+
+    def forward(self, x: torch.Tensor):
+        xs = self.features(x)
+        feats = self.concat(xs)
+        if self.context is not None:
+            feats = self.context_encoding(feats)
+        if self.head == "seg":
+            ll = self.last_layer
+            y = ll[1](ll[0](feats))
+            return _relu_conv(self._fuse_relu_conv, ll[2], ll[3], y)
+        parsing, parsing_fea = self.decoder(feats, xs[0])
+        edge, edge_fea = self.edge(xs[0], xs[1], xs[2])
+        fusion = self.fushion(torch.cat([parsing_fea, edge_fea], 1))
+        return [[parsing, fusion], [edge]]
+
+    def backbone_parameters(self):
+        """Parameters of the HRNet backbone (stem, ``layer1``, transitions, stages): all
+        but the head and the context, e.g. for per-group learning rates."""
+        for n in _BACKBONE:
+            yield from getattr(self, n).parameters()
+
+    def for_inference(self) -> "HRNetV2":
+        """A folded copy for inference and export: :func:`lipfast.models.fold_norms`
+        of this model (which must be in eval mode): every norm folded into its
+        convolution, ``fuse_relu_conv`` off, the OC attention in plain PyTorch; the
+        same outputs within float rounding. This model is left unchanged."""
+        from .fold import fold_norms
+
+        return fold_norms(self)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, width={self.width}, head={self.head!r}, "
-                f"norm={self.norm!r}, align_corners={self.align_corners}")
+                f"context={self.context!r}, norm={self.norm!r}, "
+                f"align_corners={self.align_corners}, fuse_relu_conv={self.fuse_relu_conv}")
