@@ -20,7 +20,6 @@ import torch.distributed as dist
 from ._io import atomic_file
 
 CHECKPOINT_FORMAT = "lipfast-train-1"
-MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
 
 
 def layers_arg(text: str) -> tuple:
@@ -60,25 +59,21 @@ def load_training_checkpoint(path, option: str = "--resume") -> dict:
 
 
 def model_hparams(model) -> dict:
-    return {"num_classes": int(model.num_classes), "context": str(model.context),
-            "output_stride": int(model.output_stride), "layers": [int(v) for v in model.layers],
-            "width_mult": float(model.width_mult), "norm": str(model.norm)}
+    """The hyper-parameters a checkpoint stores to rebuild ``model``
+    (:func:`lipfast.models.model_hparams`)."""
+    from lipfast.models.registry import model_hparams as hparams_of
+
+    return hparams_of(model)
 
 
 def build_model(hparams: dict, norm: str | None = None):
-    """A :class:`lipfast.models.CE2P` from stored hyper-parameters; ``norm``
+    """The model (CE2P or HRNetV2) of stored hyper-parameters; ``norm``
     overrides the stored norm (e.g. ``inplace_abn`` for single-process use of a
-    model trained with ``inplace_abn_sync``: same keys and numerics)."""
-    from lipfast.models import CE2P
+    model trained with ``inplace_abn_sync``: same keys and numerics).
+    Hyper-parameters without ``model`` (older checkpoints) are CE2P's."""
+    from lipfast.models.registry import build_from_hparams
 
-    missing = [k for k in MODEL_HPARAMS if k not in hparams]
-    if missing:
-        raise ValueError(f"checkpoint hyper-parameters lack {missing}")
-    return CE2P(num_classes=int(hparams["num_classes"]), context=str(hparams["context"]),
-                output_stride=int(hparams["output_stride"]),
-                norm=norm or str(hparams["norm"]),
-                layers=tuple(int(v) for v in hparams["layers"]),
-                width_mult=float(hparams["width_mult"]))
+    return build_from_hparams(hparams, norm)
 
 
 def eval_norm(norm: str) -> str:

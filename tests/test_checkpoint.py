@@ -107,7 +107,8 @@ def test_evaluate_accepts_schp_plain_and_train_checkpoints(tiny_files, data):
     # the same weights, the same model: identical results whatever the format
     assert res["schp"]["miou"] == res["plain"]["miou"] == res["train"]["miou"]
     assert res["schp"]["iou"] == res["train"]["iou"]
-    assert res["schp"]["model"] == {"num_classes": 20, "context": "psp", "output_stride": 16,
+    assert res["schp"]["model"] == {"model": "ce2p", "num_classes": 20, "context": "psp",
+                                    "output_stride": 16,
                                     "layers": [1, 1, 1, 1], "width_mult": 0.125,
                                     "norm": "inplace_abn"}
 
@@ -128,16 +129,16 @@ def test_config_inferred_from_keys(context):
     with torch.device("meta"):
         m = CE2P(num_classes=7, context=context, layers=(2, 1, 3, 1), width_mult=0.25)
     cfg = infer_config(m.state_dict())
-    assert cfg == {"num_classes": 7, "context": context, "layers": [2, 1, 3, 1],
-                   "width_mult": 0.25}
+    assert cfg == {"model": "ce2p", "num_classes": 7, "context": context,
+                   "layers": [2, 1, 3, 1], "width_mult": 0.25}
 
 
 def test_full_size_schp_config_inferred():
     with torch.device("meta"):
         m = CE2P()
     sd = {k: v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert infer_config(sd) == {"num_classes": 20, "context": "psp", "layers": [3, 4, 23, 3],
-                                "width_mult": 1.0}
+    assert infer_config(sd) == {"model": "ce2p", "num_classes": 20, "context": "psp",
+                                "layers": [3, 4, 23, 3], "width_mult": 1.0}
 
 
 def test_odd_width_mult_inferred():

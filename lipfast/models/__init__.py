@@ -4,7 +4,11 @@ reading: lipfast.train checkpoints, SCHP's released checkpoints and plain
 state_dicts, the model chosen from the keys (:func:`model_from_checkpoint`);
 :func:`fold_norms` (norms folded into the convolutions, for inference and
 export); :class:`HRNetV2` (HRNet-Semantic-Segmentation's segmentation HRNet,
-key for key, with lipfast's norms; :mod:`lipfast.models.hrnet`).
+key for key, with lipfast's norms, and CE2P's edge and fusion head;
+:mod:`lipfast.models.hrnet`); :func:`build` (a model by the name the tools use:
+``ce2p``, ``hrnetv2_w18/32/48``), :func:`model_hparams` /
+:func:`build_from_hparams` (what checkpoints store), :func:`input_format`
+(BGR/RGB and mean/std of a model's input; :mod:`lipfast.models.registry`).
 See :mod:`lipfast.models.ce2p` and :mod:`lipfast.models.checkpoint`."""
 
 from .ce2p import CE2P, CONTEXTS, LIP_MEAN, LIP_STD, NORMS, BatchNormAct, Bottleneck
@@ -22,6 +26,8 @@ from .checkpoint import (
 )
 from .fold import fold_norms
 from .hrnet import HRNET_MEAN, HRNET_STD, HRNetV2
+from .registry import (MODEL_NAMES, build, build_from_hparams, convert_input, input_format,
+                       model_hparams, model_name, parsing_logits)
 
 __all__ = [
     "CE2P",
@@ -45,4 +51,12 @@ __all__ = [
     "model_from_checkpoint",
     "read_checkpoint",
     "read_state_dict",
+    "MODEL_NAMES",
+    "build",
+    "build_from_hparams",
+    "convert_input",
+    "input_format",
+    "model_hparams",
+    "model_name",
+    "parsing_logits",
 ]

@@ -1,4 +1,5 @@
-"""Reading local checkpoints, and building :class:`lipfast.models.CE2P` from one.
+"""Reading local checkpoints, and building the model (:class:`lipfast.models.CE2P`
+or :class:`lipfast.models.HRNetV2`) from one.
 
 Nothing is ever downloaded: every function takes a local path. There is one
 reader, :func:`read_checkpoint`, under :func:`load_checkpoint`,
@@ -30,7 +31,12 @@ from the keys: ``num_classes`` from the classifier ``fushion.3.weight``
 ``context_encoding.2.up_dr.*``: Pyramid-OC; ``context_encoding.2.stages.0.*``
 alone: Base-OC), ``layers`` from the number of Bottlenecks
 ``layer<i>.<j>.conv1.weight`` in each stage, ``width_mult`` from the channel
-counts (stem, layer3/4, decoder). ``output_stride`` and ``norm`` leave no
+counts (stem, layer3/4, decoder). HRNet checkpoints (keys ``stage4.*``,
+HRNet-Semantic-Segmentation's or lipfast's ``HRNetV2``): the width from
+``transition1.0.0.weight`` (w x 256 x 3 x 3), the head from the classifier
+(``last_layer.3.weight``: ``"seg"``; ``fushion.3.weight``: ``"ce2p"``), an OC
+context from the same ``context_encoding.2.*`` keys, ``align_corners`` False
+(upstream's LIP setting). ``output_stride`` and ``norm`` leave no
 trace in the keys: they come from the arguments (default 16, SCHP's; norm
 ``inplace_abn``, whose keys and numerics are those of SCHP's
 ``InPlaceABNSync`` in one process). An argument that contradicts the keys (or
@@ -64,10 +70,9 @@ __all__ = ["Checkpoint", "CheckpointMismatchError", "LoadReport", "checkpoint_co
            "read_checkpoint", "read_state_dict"]
 
 _COUNTER = "num_batches_tracked"
-#: what a lipfast.train checkpoint's ``hparams`` must say to rebuild the model
-MODEL_HPARAMS = ("num_classes", "context", "output_stride", "layers", "width_mult", "norm")
 _FLAGS = {"num_classes": "--num-classes", "context": "--context", "layers": "--layers",
-          "width_mult": "--width-mult", "output_stride": "--output-stride", "norm": "--norm"}
+          "width_mult": "--width-mult", "output_stride": "--output-stride", "norm": "--norm",
+          "model": "--model", "head": "--head"}
 KIND_NAMES = {"lipfast.train": "lipfast.train checkpoint", "schp": "SCHP release layout",
               "wrapped": "state_dict under 'model'", "state_dict": "plain state_dict"}
 
@@ -237,13 +242,17 @@ def _context_of(keys) -> str | None:
 
 
 def infer_config(state_dict: dict, path: str = "checkpoint") -> dict:
-    """``num_classes``, ``context``, ``layers`` and ``width_mult`` of the CE2P
-    whose state_dict this is (see the module docstring); ``ValueError`` naming
+    """The model a state_dict belongs to, read from its keys (see the module
+    docstring): ``model`` (a :data:`lipfast.models.MODEL_NAMES` entry) with,
+    for CE2P, ``num_classes``, ``context``, ``layers`` and ``width_mult``, for
+    HRNetV2, ``num_classes``, ``head`` and ``context``. ``ValueError`` naming
     what is missing for a state_dict of another network."""
     keys = set(state_dict)
+    if _HRNET_WIDTH_KEY in keys or any(k.startswith("stage4.") for k in keys):
+        return _infer_hrnet(state_dict, path)
     if _CLASSIFIER not in keys or state_dict[_CLASSIFIER].dim() != 4:
-        raise ValueError(f"{path}: not a CE2P/SCHP state_dict: no classifier {_CLASSIFIER} "
-                         f"(classes x C x 1 x 1) among its {len(keys)} keys "
+        raise ValueError(f"{path}: not a CE2P/SCHP or HRNetV2 state_dict: no classifier "
+                         f"{_CLASSIFIER} (classes x C x 1 x 1) among its {len(keys)} keys "
                          f"({_short(sorted(keys), 5)})")
     num_classes = int(state_dict[_CLASSIFIER].shape[0])
     context = _context_of(keys)
@@ -276,8 +285,41 @@ def infer_config(state_dict: dict, path: str = "checkpoint") -> dict:
     else:
         raise ValueError(f"{path}: no width_mult gives the channel counts "
                          + ", ".join(f"{k} {widths[b]}" for b, k in _WIDTH_KEYS))
-    return {"num_classes": num_classes, "context": context, "layers": layers,
+    return {"model": "ce2p", "num_classes": num_classes, "context": context, "layers": layers,
             "width_mult": mult}
+
+
+_HRNET_WIDTH_KEY = "transition1.0.0.weight"   # width x 256 x 3 x 3
+
+
+def _infer_hrnet(state_dict: dict, path: str) -> dict:
+    from .hrnet import HRNET_WIDTHS
+
+    keys = set(state_dict)
+    if _HRNET_WIDTH_KEY not in keys:
+        raise ValueError(f"{path}: an HRNet state_dict without {_HRNET_WIDTH_KEY} "
+                         "(the first branch's transition): cannot tell its width")
+    width = int(state_dict[_HRNET_WIDTH_KEY].shape[0])
+    if width not in HRNET_WIDTHS:
+        raise ValueError(f"{path}: HRNet of width {width} ({_HRNET_WIDTH_KEY} "
+                         f"{tuple(state_dict[_HRNET_WIDTH_KEY].shape)}); lipfast builds "
+                         f"widths {', '.join(map(str, HRNET_WIDTHS))}")
+    if "last_layer.3.weight" in keys:
+        head, cls_key = "seg", "last_layer.3.weight"
+    elif _CLASSIFIER in keys:
+        head, cls_key = "ce2p", _CLASSIFIER
+    else:
+        raise ValueError(f"{path}: HRNet state_dict with neither head: no last_layer.3.weight "
+                         f"(head 'seg') nor {_CLASSIFIER} (head 'ce2p')")
+    context = _context_of(keys)
+    if context is None and any(k.startswith("context_encoding.") for k in keys):
+        ctx = sorted(k for k in keys if k.startswith("context_encoding."))
+        raise ValueError(f"{path}: cannot tell the OC context from the keys ({_short(ctx, 5)})")
+    if context == "psp":
+        raise ValueError(f"{path}: an HRNet with a PSP context: lipfast's HRNetV2 takes "
+                         "OC contexts only")
+    return {"model": f"hrnetv2_w{width}", "num_classes": int(state_dict[cls_key].shape[0]),
+            "head": head, "context": context}
 
 
 def _eval_norm(norm: str) -> str:
@@ -286,12 +328,16 @@ def _eval_norm(norm: str) -> str:
 
 def _mismatch_reason(name: str, have, sd: dict) -> str:
     if name == "num_classes":
-        if _CLASSIFIER in sd:
-            return (f"its classifier {_CLASSIFIER} has {have} classes "
-                    f"(shape {tuple(sd[_CLASSIFIER].shape)})")
+        for key in (_CLASSIFIER, "last_layer.3.weight"):
+            if key in sd:
+                return f"its classifier {key} has {have} classes (shape {tuple(sd[key].shape)})"
         return f"it has {have} classes"
+    if name == "model":
+        return f"it holds a {have} model"
     if name == "context":
         return f"its keys are those of a {have} context"
+    if name == "head":
+        return f"its keys are those of the {have!r} head"
     if name == "layers":
         return f"it has {', '.join(map(str, have))} Bottlenecks in layer1..4"
     if name == "width_mult":
@@ -299,39 +345,68 @@ def _mismatch_reason(name: str, have, sd: dict) -> str:
     return f"it was trained with output stride {have}"
 
 
+#: flags that only CE2P / only HRNetV2 has
+_CE2P_ONLY = ("layers", "width_mult", "output_stride")
+_HRNET_ONLY = ("head",)
+
+
 def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=None,
-                      width_mult=None, output_stride=None, norm=None) -> dict:
-    """The CE2P hyper-parameters (``num_classes``, ``context``,
-    ``output_stride``, ``layers``, ``width_mult``, ``norm``) for the checkpoint:
-    lipfast.train's stored ones, else those read from the keys
-    (:func:`infer_config`) with ``output_stride`` (default 16) and ``norm``
-    from the arguments. An argument given (not None) must agree with the
-    stored / inferred value (:class:`CheckpointMismatchError` naming the flag);
-    ``norm`` is free (all norms share keys and numerics; default: the stored
-    one, ``inplace_abn_sync`` as ``inplace_abn``)."""
-    given = {"num_classes": num_classes, "context": context,
+                      width_mult=None, output_stride=None, norm=None, model=None,
+                      head=None) -> dict:
+    """The model and its hyper-parameters for the checkpoint: ``model`` (a
+    :data:`lipfast.models.MODEL_NAMES` entry) and what
+    :func:`lipfast.models.build_from_hparams` takes (CE2P: ``num_classes``,
+    ``context``, ``output_stride``, ``layers``, ``width_mult``, ``norm``;
+    HRNetV2: ``num_classes``, ``head``, ``context``, ``norm``,
+    ``align_corners``): lipfast.train's stored ones, else those read from the
+    keys (:func:`infer_config`) with ``output_stride`` (default 16) and
+    ``norm`` from the arguments (HRNetV2: ``align_corners`` False, upstream's).
+    An argument given (not None) must agree with the stored / inferred value
+    (:class:`CheckpointMismatchError` naming the flag); so must the model kind
+    of a CE2P-only (``layers``, ``width_mult``, ``output_stride``) or
+    HRNet-only (``head``) argument. ``norm`` is free (all norms share keys and
+    numerics; default: the stored one, ``inplace_abn_sync`` as
+    ``inplace_abn``)."""
+    from .registry import HPARAMS
+
+    given = {"model": model, "num_classes": num_classes, "context": context, "head": head,
              "layers": None if layers is None else [int(v) for v in layers],
              "width_mult": width_mult, "output_stride": output_stride}
     if ckpt.hparams is not None:
-        missing = [k for k in MODEL_HPARAMS if k not in ckpt.hparams]
+        name = ckpt.hparams.get("model", "ce2p")
+        kind = "ce2p" if name == "ce2p" else "hrnetv2"
+        if kind == "hrnetv2" and not str(name).startswith("hrnetv2_w"):
+            raise ValueError(f"{ckpt.path}: lipfast.train checkpoint of an unknown model "
+                             f"{name!r}")
+        missing = [k for k in HPARAMS[kind] if k not in ckpt.hparams]
         if missing:
             raise ValueError(f"{ckpt.path}: lipfast.train checkpoint whose hparams lack "
                              f"{missing}")
-        cfg = {k: ckpt.hparams[k] for k in MODEL_HPARAMS}
-        cfg["layers"] = [int(v) for v in cfg["layers"]]
+        cfg = {"model": name, **{k: ckpt.hparams[k] for k in HPARAMS[kind]}}
         source = "stored hyper-parameters"
     else:
         cfg = infer_config(ckpt.state_dict, ckpt.path)
-        cfg["output_stride"] = 16 if output_stride is None else output_stride
+        if cfg["model"] == "ce2p":
+            cfg["output_stride"] = 16 if output_stride is None else output_stride
+        else:
+            cfg["align_corners"] = False
         cfg["norm"] = "inplace_abn"
         source = "keys"
+    is_ce2p = cfg["model"] == "ce2p"
     sd = ckpt.state_dict
     for name, value in given.items():
         if value is None:
             continue
+        if name in (_HRNET_ONLY if is_ce2p else _CE2P_ONLY):
+            raise CheckpointMismatchError(
+                f"{_FLAGS[name]} does not apply to checkpoint {ckpt.path!r} ({ckpt.description},"
+                f" a {cfg['model']} model by its {source}): it is a "
+                + ("HRNetV2" if name in _HRNET_ONLY else "CE2P") + " option; drop the flag")
         have = cfg[name]
         if name == "width_mult":
             same = all(_width(b, float(value)) == _width(b, float(have)) for b, _ in _WIDTH_KEYS)
+        elif name == "layers":
+            same = [int(v) for v in value] == [int(v) for v in have]
         else:
             same = value == have
         if same:
@@ -343,23 +418,29 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
             f"({ckpt.description}, by its {source}): {why}; drop the flag or pass "
             "the checkpoint's value")
     cfg["norm"] = norm if norm is not None else _eval_norm(str(cfg["norm"]))
-    cfg["width_mult"] = float(cfg["width_mult"])
-    cfg["output_stride"] = int(cfg["output_stride"])
     cfg["num_classes"] = int(cfg["num_classes"])
+    if is_ce2p:
+        cfg["layers"] = [int(v) for v in cfg["layers"]]
+        cfg["width_mult"] = float(cfg["width_mult"])
+        cfg["output_stride"] = int(cfg["output_stride"])
+    else:
+        cfg["align_corners"] = bool(cfg["align_corners"])
     return cfg
 
 
 def model_from_checkpoint(path, *, which: str = "model", num_classes=None, context=None,
-                          layers=None, width_mult=None, output_stride=None, norm=None):
-    """``(CE2P in eval mode on the CPU, config)`` for the checkpoint at ``path``
-    (any format of the module docstring), the model chosen by
-    :func:`checkpoint_config` and loaded strictly. ``which="schp_model"``
+                          layers=None, width_mult=None, output_stride=None, norm=None,
+                          model=None, head=None):
+    """``(model in eval mode on the CPU, config)`` for the checkpoint at ``path``
+    (any format of the module docstring): a CE2P or an HRNetV2 as
+    :func:`checkpoint_config` chooses, loaded strictly. ``which="schp_model"``
     takes the self-correction model of a lipfast.train checkpoint."""
-    from .ce2p import CE2P
+    from .registry import build_from_hparams
 
     ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     cfg = checkpoint_config(ckpt, num_classes=num_classes, context=context, layers=layers,
-                            width_mult=width_mult, output_stride=output_stride, norm=norm)
+                            width_mult=width_mult, output_stride=output_stride, norm=norm,
+                            model=model, head=head)
     if which == "model":
         state = ckpt.state_dict
     elif which == "schp_model":
@@ -372,11 +453,9 @@ def model_from_checkpoint(path, *, which: str = "model", num_classes=None, conte
         state = ckpt.schp_state
     else:
         raise ValueError(f"which must be 'model' or 'schp_model', got {which!r}")
-    model = CE2P(num_classes=cfg["num_classes"], context=cfg["context"],
-                 output_stride=cfg["output_stride"], norm=cfg["norm"],
-                 layers=tuple(cfg["layers"]), width_mult=cfg["width_mult"])
-    _load(model, state, ckpt.path, True, [])
-    return model.eval(), cfg
+    net = build_from_hparams(cfg)
+    _load(net, state, ckpt.path, True, [])
+    return net.eval(), cfg
 
 
 # ----------------------------------------------------------------- loading into a model
@@ -416,6 +495,10 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> LoadReport:
     return _load(model, ckpt.state_dict, ckpt.path, strict, [])
 
 
+#: HRNetV2's backbone modules: what an ImageNet HRNet initialises (the heads,
+#: ``last_layer`` or CE2P's, and a context keep their initialisation)
+_HRNET_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "transition2",
+                   "transition3", "stage2", "stage3", "stage4")
 _BACKBONE = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3",
              "layer4")
 
@@ -432,15 +515,17 @@ def load_imagenet(model: nn.Module, path, strict: bool = True) -> LoadReport:
     ``hrnetv2_w48_imagenet_pretrained.pth``: its classifier-only keys
     (``incre_modules``, ``downsamp_modules``, ``final_layer``, ``classifier``)
     are skipped (and reported), every other key must be one of the model's
-    and, under ``strict``, every key of the model but ``last_layer`` present."""
+    backbone (stem, ``layer1``, ``transition1..3``, ``stage2..4``) and, under
+    ``strict``, every backbone key present; the heads (``last_layer``, or CE2P's
+    edge / decoder / fusion) and a context keep their initialisation."""
     from .hrnet import HRNET_IMAGENET_ONLY, HRNetV2
 
     state = read_state_dict(path)
     if isinstance(model, HRNetV2):
         skipped = sorted(k for k in state if k.split(".", 1)[0] in HRNET_IMAGENET_ONLY)
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in HRNET_IMAGENET_ONLY}
-        heads = tuple(n for n, _ in model.named_children() if n != "last_layer")
-        return _load(model, state, os.fspath(path), strict, skipped, only_prefixes=heads)
+        return _load(model, state, os.fspath(path), strict, skipped,
+                     only_prefixes=_HRNET_BACKBONE)
     skipped = sorted(k for k in state if k.split(".", 1)[0] == "fc")
     state = {k: v for k, v in state.items() if k.split(".", 1)[0] != "fc"}
     return _load(model, state, os.fspath(path), strict, skipped, only_prefixes=_BACKBONE)
