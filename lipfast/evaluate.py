@@ -1,10 +1,22 @@
-"""Evaluate a parsing model on a LIP-layout split (SPEC sections 4 and 6).
+"""Evaluate a parsing model on a LIP-layout split or CIHP person crops (SPEC
+sections 4, 6 and 11).
 
 ``python -m lipfast.evaluate --data ROOT --checkpoint PATH [--split val] [--flip]
 [--scales 0.75,1,1.25] [--ensemble CKPT ...] [--save-pred DIR] [--vis N] [--out DIR]
 [--json PATH] [--batch-size B] [--device cpu|cuda] [--schp] [--num-classes N]
-[--context C] [--layers L] [--width-mult W] [--output-stride S] [--norm N]
-[--progress auto|bar|lines|off]``
+[--model M] [--head H] [--context C] [--layers L] [--width-mult W]
+[--output-stride S] [--norm N] [--crop-size S] [--progress auto|bar|lines|off]``
+
+- Data: ``--data ROOT`` (a LIP-layout root, split ``--split``) or a source
+  ``lip:ROOT:SPLIT`` / ``cihp:ROOT:SPLIT`` (:func:`lipfast.data.parse_source`;
+  CIHP: :class:`lipfast.data.CIHPPersonCrops`, one sample per person, other
+  people and CIHP's Torso-skin ignored).
+- Models: CE2P / SCHP or HRNetV2 (either head), chosen from the checkpoint
+  (:func:`lipfast.models.checkpoint_config`); ``--model`` / ``--head`` may be
+  given and must agree. The images are normalised as the first model expects
+  (:func:`lipfast.models.input_format`: BGR with SCHP's mean/std for CE2P, RGB
+  with ImageNet's for HRNetV2); ensemble members expecting the other format get
+  the batch re-normalised (:func:`lipfast.models.convert_input`).
 
 - Checkpoints (read by :func:`lipfast.models.read_checkpoint`,
   ``torch.load(weights_only=True)``): a ``lipfast.train`` checkpoint (the
@@ -60,51 +72,65 @@ import torch
 
 from lipfast._io import atomic_file
 from lipfast._train_utils import PROGRESS_MODES, Progress, layers_arg
-from lipfast.data import LIPDataset, collate, lip_palette, warp_back
-from lipfast.models import CONTEXTS, NORMS, model_from_checkpoint, read_checkpoint
+from lipfast.data import SourceSpec, build_source, collate, lip_palette, parse_source, warp_back
+from lipfast.models import (CONTEXTS, MODEL_NAMES, NORMS, input_format, model_from_checkpoint,
+                            read_checkpoint)
+from lipfast.models.registry import describe_hparams
 
 #: ``--vis`` pictures: panels are upscaled (integer factor) to at least this height
 VIS_MIN_HEIGHT = 384
 _VIS_MARGIN, _VIS_GAP, _VIS_TITLE, _VIS_ROW, _VIS_SWATCH = 8, 8, 24, 22, 16
 
 
-def _fusion_fn(model, autocast=None):
-    """``images -> float32 fusion logits`` of a CE2P model (optionally under autocast)."""
-    from lipfast.metrics.tta import ce2p_fusion
+def _fusion_fn(model, autocast=None, src_format=None):
+    """``images -> float32 parsing logits`` of a model (CE2P's fusion logits, or
+    HRNetV2's ``seg`` logits, upsampled here to the input size when the model's
+    are upsampled with align_corners=False; optionally under autocast). ``src_format``: the
+    :func:`lipfast.models.input_format` of the images, converted to the model's
+    when it differs (None: the images are already the model's)."""
+    from lipfast.models import convert_input, input_format
+    from lipfast.models.registry import full_size_logits
+
+    dst = input_format(model) if src_format is not None else None
 
     def run(x):
+        if dst is not None:
+            x = convert_input(x, src_format, dst)
         if autocast is not None:
             with autocast():
-                out = ce2p_fusion(model(x))
+                out = model(x)
         else:
-            out = ce2p_fusion(model(x))
-        return out.float()
+            out = model(x)
+        return full_size_logits(model, out, x.shape[-2:]).float()
 
     return run
 
 
 @torch.no_grad()
 def model_logits(model, images: torch.Tensor, flip: bool = False, scales=(1.0,),
-                 autocast=None) -> torch.Tensor:
+                 autocast=None, src_format=None) -> torch.Tensor:
     """Fusion logits of ``model`` at the size of ``images`` (B x C x H_c x W_c),
     averaged over ``scales`` and, with ``flip``, over the mirrored input
     (SPEC 4; ``lipfast.metrics.tta.multi_scale_logits``)."""
     from lipfast.metrics.tta import multi_scale_logits
 
-    return multi_scale_logits(_fusion_fn(model, autocast), images, scales=tuple(scales),
-                              flip=flip, size=tuple(images.shape[-2:]))
+    return multi_scale_logits(_fusion_fn(model, autocast, src_format), images,
+                              scales=tuple(scales), flip=flip, size=tuple(images.shape[-2:]))
 
 
 @torch.no_grad()
-def predict_crop(models, images, flip=False, scales=(1.0,), autocast=None) -> torch.Tensor:
+def predict_crop(models, images, flip=False, scales=(1.0,), autocast=None,
+                 src_format=None) -> torch.Tensor:
     """Crop-size scores of one model (logits) or an ensemble (mean softmax,
-    ``lipfast.metrics.tta.ensemble_probs``)."""
+    ``lipfast.metrics.tta.ensemble_probs``). ``src_format``: the input format
+    of ``images`` (see :func:`_fusion_fn`)."""
     from lipfast.metrics.tta import ensemble_probs, multi_scale_logits
 
     if len(models) == 1:
-        return model_logits(models[0], images, flip, scales, autocast)
+        return model_logits(models[0], images, flip, scales, autocast, src_format)
     tta = functools.partial(multi_scale_logits, scales=tuple(scales), flip=flip)
-    return ensemble_probs([_fusion_fn(m, autocast) for m in models], images, tta=tta)
+    return ensemble_probs([_fusion_fn(m, autocast, src_format) for m in models], images,
+                          tta=tta)
 
 
 def _palette_png(pred, path: str) -> None:
@@ -222,6 +248,9 @@ def _side_by_side(meta, label, pred, path: str, num_classes: int, class_names=No
     from lipfast.data import read_image
 
     rgb = read_image(meta["image_path"]).flip(0).permute(1, 2, 0)
+    if "box" in meta:  # a person crop (CIHP): the label is the box's
+        x0, y0, x1, y1 = (int(v) for v in meta["box"])
+        rgb = rgb[y0:y1 + 1, x0:x1 + 1]
     im = side_by_side(rgb, label, pred, num_classes, class_names)
     with atomic_file(path) as f:
         im.save(f, format="PNG")
@@ -231,10 +260,12 @@ def _side_by_side(meta, label, pred, path: str, num_classes: int, class_names=No
 def evaluate_loader(models, loader, num_classes: int, device, flip=False, scales=(1.0,),
                     autocast=None, save_pred: str | None = None, vis: int = 0,
                     vis_dir: str | None = None, progress=None, ignore_index: int = 255,
-                    reduce: bool = False):
-    """Runs the models over ``loader`` (a ``LIPDataset(train=False)`` loader
-    with :func:`lipfast.data.collate`) and returns the filled
-    ``ParsingMetrics`` (``reduce=True`` all-reduces it across ranks)."""
+                    reduce: bool = False, src_format=None):
+    """Runs the models over ``loader`` (a ``LIPDataset(train=False)`` or
+    ``CIHPPersonCrops(train=False)`` loader with :func:`lipfast.data.collate`)
+    and returns the filled ``ParsingMetrics`` (``reduce=True`` all-reduces it
+    across ranks). ``src_format``: the loader's input format, when a model
+    expects another (:func:`lipfast.models.input_format`)."""
     from lipfast.metrics import LIP_CLASSES, ParsingMetrics
 
     names = LIP_CLASSES if num_classes == len(LIP_CLASSES) else None
@@ -250,7 +281,7 @@ def evaluate_loader(models, loader, num_classes: int, device, flip=False, scales
     done = 0
     for images, labels, metas in loader:
         images = images.to(device, non_blocking=True)
-        scores = predict_crop(models, images, flip, scales, autocast)
+        scores = predict_crop(models, images, flip, scales, autocast, src_format)
         for i, meta in enumerate(metas):
             size = (int(meta["height"]), int(meta["width"]))
             pred = warp_back(scores[i], meta["affine"], size).argmax(0)
@@ -285,7 +316,7 @@ def load_model(path, device, use_schp: bool = False, **flags):
     """(model in eval mode on ``device``, hparams, checkpoint) from a
     checkpoint in any format :func:`lipfast.models.read_checkpoint` reads;
     ``flags``: ``num_classes``, ``context``, ``layers``, ``width_mult``,
-    ``output_stride``, ``norm`` (checked against the checkpoint)."""
+    ``output_stride``, ``norm``, ``model``, ``head`` (checked against the checkpoint)."""
     ckpt = read_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, which="schp_model" if use_schp else "model",
                                        **flags)
@@ -299,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lipfast.evaluate",
                                 description="mIoU of a parsing checkpoint (lipfast.train's, "
                                 "SCHP's release layout or a plain state_dict) on a LIP split.")
-    p.add_argument("--data", required=True, help="LIP-layout data root")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="a LIP-layout root (split --split), or lip:ROOT:SPLIT / cihp:ROOT:SPLIT")
     p.add_argument("--checkpoint", required=True,
                    help="lipfast.train checkpoint, SCHP release checkpoint "
                         "({'state_dict': {'module.*': ...}}) or plain state_dict")
@@ -314,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (default: from the checkpoint; a value that contradicts "
                              "it is an error)")
     g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--model", choices=MODEL_NAMES, default=None)
+    g.add_argument("--head", choices=("ce2p", "seg"), default=None, help="HRNetV2's head")
     g.add_argument("--context", choices=CONTEXTS, default=None)
     g.add_argument("--layers", type=layers_arg, default=None,
                    help="Bottleneck counts of layer1..4, e.g. 3,4,23,3")
@@ -346,23 +380,29 @@ def main(argv=None) -> dict:
         raise SystemExit("lipfast.evaluate: --batch-size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flags = {k: getattr(args, k) for k in ("num_classes", "context", "layers", "width_mult",
-                                             "output_stride", "norm")}
+                                             "output_stride", "norm", "model", "head")}
     models, hps = [], []
     for path in [args.checkpoint] + list(args.ensemble):
         m, hp, ckpt = load_model(path, device, args.schp, **flags)
         models.append(m)
         hps.append(hp)
-        print(f"lipfast.evaluate: {path}: {ckpt.description}; CE2P {hp['context']}, "
-              f"{hp['num_classes']} classes, layers {','.join(map(str, hp['layers']))}, "
-              f"width {hp['width_mult']:g}, output stride {hp['output_stride']}, "
-              f"norm {hp['norm']}", flush=True)
+        print(f"lipfast.evaluate: {path}: {ckpt.description}; {describe_hparams(hp)}",
+              flush=True)
     ncls = {int(h["num_classes"]) for h in hps}
     if len(ncls) != 1:
         raise ValueError(f"ensemble members disagree on num_classes: {sorted(ncls)}")
     num_classes = ncls.pop()
     crop = args.crop_size or hps[0].get("crop_size") or 473
     crop = tuple(crop) if isinstance(crop, (list, tuple)) else int(crop)
-    ds = LIPDataset(args.data, args.split, crop_size=crop, train=False, num_classes=num_classes)
+    if args.data.split(":", 1)[0] in ("lip", "cihp"):
+        spec = parse_source(args.data)
+    else:
+        spec = SourceSpec("lip", args.data, args.split)   # a plain root: --split
+    fmt = input_format(models[0])
+    ds = build_source(spec, crop_size=crop, train=False, seed=0, num_classes=num_classes,
+                      channel_order=fmt[0], mean=fmt[1], std=fmt[2])
+    print(f"lipfast.evaluate: {spec.kind} {spec.root} split {spec.split}: {len(ds)} samples, "
+          f"crop {crop}", flush=True)
     if args.max_images is not None:
         ds = torch.utils.data.Subset(ds, range(min(len(ds), args.max_images)))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
@@ -375,7 +415,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     prog = Progress(len(loader), prefix="evaluate", every=10, mode=args.progress)
     metrics = evaluate_loader(models, loader, num_classes, device, args.flip, args.scales,
-                              autocast, args.save_pred, args.vis, args.out, prog)
+                              autocast, args.save_pred, args.vis, args.out, prog,
+                              src_format=fmt if len(models) > 1 else None)
     prog.close()
     res = metrics.compute()
     print(metrics.table())

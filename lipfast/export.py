@@ -36,8 +36,13 @@ The ONNX model:
   uses: upsample it bilinearly with align_corners=True to H x W and arg-max
   over the classes) and ``edge`` (``batch x 2 x h x w``, edge logits).
 
+HRNetV2 checkpoints export the same way: with the CE2P head the outputs above;
+with ``head="seg"`` one output ``logits`` (``batch x classes x h x w``; upsample
+with align_corners=False, HRNet's setting); the input is **RGB** normalised with
+:data:`lipfast.models.HRNET_MEAN` / :data:`lipfast.models.HRNET_STD`.
+
 Python: :func:`export_onnx` exports any CE2P-like model (``forward`` returning
-``[[parsing, fusion], [edge]]``).
+``[[parsing, fusion], [edge]]``) or a model returning one logits tensor.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from ._io import atomic_file
 from .data.settings import DATASETS, dataset_setting
 from .models.checkpoint import checkpoint_config, model_from_checkpoint, read_checkpoint
 from .models.fold import fold_norms
+from .models.registry import describe_hparams, input_format
 
 __all__ = ["DEFAULT_OPSET", "OUTPUT_NAMES", "export_onnx", "main"]
 
@@ -65,8 +71,13 @@ OUTPUT_NAMES = ("parsing", "fusion", "edge")
 INPUT_NAME = "image"
 
 
+#: the output of a model with one logits tensor (HRNetV2 with ``head="seg"``)
+SEG_OUTPUT_NAMES = ("logits",)
+
+
 class _Outputs(nn.Module):
-    """CE2P's ``[[parsing, fusion], [edge]]`` as a flat tuple (the ONNX outputs)."""
+    """CE2P's ``[[parsing, fusion], [edge]]`` as a flat tuple (the ONNX outputs);
+    a single-tensor output (HRNetV2 ``head="seg"``) as it is."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -74,6 +85,8 @@ class _Outputs(nn.Module):
 
     def forward(self, image: torch.Tensor):
         out = self.model(image)
+        if isinstance(out, torch.Tensor):
+            return out
         return out[0][0], out[0][1], out[1][0]
 
 
@@ -122,8 +135,10 @@ def export_onnx(model: nn.Module, path, input_size, opset: int = DEFAULT_OPSET) 
     example = torch.zeros(2, 3, h, w, dtype=torch.float32,
                           device=next(folded.parameters()).device)
     batch = torch.export.Dim("batch", min=1)
+    single = getattr(model, "head", "ce2p") == "seg"
+    names = SEG_OUTPUT_NAMES if single else OUTPUT_NAMES
     program = torch.onnx.export(folded, (example,), dynamo=True, opset_version=opset,
-                                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                input_names=[INPUT_NAME], output_names=list(names),
                                 dynamic_shapes=({0: batch},), verbose=False)
     proto = program.model_proto
     foreign = sorted({n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
@@ -181,11 +196,11 @@ def main(argv=None) -> dict:
 
     outs = ", ".join(f"{k} [{shape(s)}]" for k, s in info["outputs"].items())
     ins = ", ".join(f"{k} [{shape(s)}]" for k, s in info["inputs"].items())
+    order = input_format(model)[0]
+    norm_names = "LIP_MEAN / LIP_STD" if order == "BGR" else "HRNET_MEAN / HRNET_STD"
     print(f"lipfast.export: wrote {info['path']} ({info['bytes'] / 2**20:.1f} MiB, ONNX opset "
-          f"{info['opset']}): CE2P {cfg['context']}, {cfg['num_classes']} classes, layers "
-          f"{','.join(map(str, cfg['layers']))}, width {cfg['width_mult']:g}, output stride "
-          f"{cfg['output_stride']}, norms folded, from {args.checkpoint} "
-          f"({ckpt.description}); input {ins} float32 (BGR, LIP_MEAN / LIP_STD normalised, "
+          f"{info['opset']}): {describe_hparams(cfg)}, norms folded, from {args.checkpoint} "
+          f"({ckpt.description}); input {ins} float32 ({order}, {norm_names} normalised, "
           f"{setting.name} {setting.input_size[0]} x {setting.input_size[1]}); "
           f"outputs {outs} (float32 logits)", flush=True)
     return info

@@ -12,7 +12,11 @@ What it computes is SCHP's extractor (``simple_extractor.py``), batched and fuse
    bilinear with a black border, rounded to uint8 as ``cv2.warpAffine`` does, on
    the device, batched (images of any sizes batch because each is warped to the
    same input size); then ``/255`` and the BGR mean/std of SCHP.
-3. **Model**: CE2P with SCHP's layout (:class:`lipfast.models.CE2P`), by
+3. **Model**: CE2P with SCHP's layout (:class:`lipfast.models.CE2P`), or an
+   HRNetV2 (:class:`lipfast.models.HRNetV2`, from an HRNet or lipfast.train
+   checkpoint: its input is RGB normalised with ImageNet's mean/std, and the
+   logits of its ``seg`` head are upsampled with align_corners=False, as
+   HRNet-Semantic-Segmentation tests, before step 4), by
    default folded for inference (:func:`lipfast.models.fold_norms`: every norm
    inside its convolution, plain PyTorch modules); the fusion logits at 1/4 of
    the input resolution. ``flip=True`` averages with the mirrored image (the
@@ -56,8 +60,8 @@ import torch.nn as nn
 from ._io import atomic_file
 from .data.settings import DatasetSetting, dataset_setting
 from .data.transforms import lip_palette
-from .metrics.tta import ce2p_fusion, flip_logits, multi_scale_logits
-from .models.ce2p import LIP_MEAN, LIP_STD
+from .metrics.tta import flip_logits, multi_scale_logits
+from .models.registry import full_size_logits
 from .ops.parse_postprocess import parse_postprocess
 
 __all__ = ["Parser", "Parsing", "load_image", "save_parsing", "save_picture", "box_affine",
@@ -312,8 +316,8 @@ class Parser:
                  fold: bool = True, channels_last: Optional[bool] = None,
                  input_size: Optional[Sequence[int]] = None,
                  forward_batch: Optional[int] = None):
-        from .models import CE2P
         from .models.checkpoint import checkpoint_config, model_from_checkpoint, read_checkpoint
+        from .models.registry import input_format
 
         self.setting: DatasetSetting = dataset_setting(dataset)
         if input_size is None:
@@ -346,11 +350,12 @@ class Parser:
                                            f"checkpoint {ckpt.path!r}")
             model, _ = model_from_checkpoint(ckpt)
         model = model.eval()
+        self.input_order, mean, std = input_format(model)
         if fold:
             from .models import fold_norms
 
             model = fold_norms(model)
-        elif isinstance(model, CE2P):
+        elif hasattr(model, "fuse_relu_conv"):
             model.fuse_relu_conv = False
         model = model.to(device=self.device, dtype=dtype)
         if channels_last is None:
@@ -371,8 +376,8 @@ class Parser:
             opts = {"freezing": True} if self.device.type == "cpu" else None
             model = torch.compile(model, options=opts)
         self.model = model
-        self._mean = torch.tensor(LIP_MEAN, device=self.device, dtype=torch.float64).view(3, 1, 1)
-        self._std = torch.tensor(LIP_STD, device=self.device, dtype=torch.float64).view(3, 1, 1)
+        self._mean = torch.tensor(mean, device=self.device, dtype=torch.float64).view(3, 1, 1)
+        self._std = torch.tensor(std, device=self.device, dtype=torch.float64).view(3, 1, 1)
 
     # -- properties
     @property
@@ -395,8 +400,7 @@ class Parser:
         n = self.forward_batch
         if n and x.shape[0] > n:
             return torch.cat([self._fusion(x[i:i + n]) for i in range(0, x.shape[0], n)])
-        out = self.model(x)
-        return ce2p_fusion(out) if isinstance(out, (list, tuple)) else out
+        return full_size_logits(self.model, self.model(x), x.shape[-2:])
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W normalised input -> fusion logits (float32, float64 for float64 models) (1/4 resolution, or
@@ -422,6 +426,8 @@ class Parser:
         crops = [warp_to_input(img, a, self.input_size) for a in affines]
         work = torch.float64 if self.dtype == torch.float64 else torch.float32
         x = torch.stack(crops).to(work).div_(255.0)
+        if self.input_order == "RGB":   # HRNetV2: RGB, ImageNet's mean / std
+            x = x.flip(1)
         return ((x - self._mean.to(work)) / self._std.to(work)).to(self.dtype)
 
     @torch.inference_mode()

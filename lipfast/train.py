@@ -1,8 +1,11 @@
-"""Train a CE2P / SCHP parsing model on a LIP-layout data set (SPEC sections 3, 5, 6).
+"""Train a parsing model (CE2P / SCHP, or HRNetV2) on LIP-layout and CIHP data
+(SPEC sections 3, 5, 6, 9, 11).
 
 Single process::
 
     python -m lipfast.train --data ROOT [--context asp_oc] [--epochs 150] [--out runs/x]
+    python -m lipfast.train --model hrnetv2_w48 --crop-size 576 \
+        --data lip:LIP:train --data lip:LIP:val --data cihp:CIHP:train ...
 
 Several processes (DDP; gloo on CPU, NCCL on GPU; one process per GPU)::
 
@@ -10,19 +13,42 @@ Several processes (DDP; gloo on CPU, NCCL on GPU; one process per GPU)::
 
 What it does, as SCHP's ``train.py``:
 
-- Model: :class:`lipfast.models.CE2P` (``--context``, ``--output-stride``,
-  ``--layers``, ``--width-mult``; ``--norm`` defaults to ``inplace_abn_sync``
+- Model (``--model``, :func:`lipfast.models.build`): ``ce2p`` (default,
+  :class:`lipfast.models.CE2P`: ``--context`` psp (default) or an OC context,
+  ``--output-stride``, ``--layers``, ``--width-mult``) or ``hrnetv2_w18`` /
+  ``hrnetv2_w32`` / ``hrnetv2_w48`` (:class:`lipfast.models.HRNetV2`:
+  ``--head ce2p`` (default: CE2P's edge and fusion head, so the SCHP criterion
+  and self-correction apply unchanged) or ``--head seg`` (HRNet's own head,
+  trained with the fused upsampled cross-entropy, HRNet-Semantic-Segmentation's
+  recipe; no self-correction), ``--context`` none (default) or an OC context on
+  the concatenated features). The CE2P-only flags are refused with HRNet and
+  ``--head`` with CE2P. The input follows the model: BGR with SCHP's mean/std
+  for CE2P, RGB with ImageNet's for HRNetV2 (:func:`lipfast.models.input_format`).
+  ``--norm`` defaults to ``inplace_abn_sync``
   under DDP, so the norms' statistics are synchronised across ranks, and to
-  ``inplace_abn`` in one process). ``--imagenet PATH`` initialises the backbone;
+  ``inplace_abn`` in one process. ``--imagenet PATH`` initialises the backbone;
   ``--init CKPT`` initialises the whole model from a checkpoint in any format
   :func:`lipfast.models.read_checkpoint` reads (a lipfast.train checkpoint's
   ``model``, SCHP's released ``exp-schp-*.pth``, a plain state_dict), e.g. to
   fine-tune SCHP's LIP model; ``--num-classes``, ``--context``, ``--layers``
   and ``--width-mult`` must match its keys (an error names the flag otherwise).
-- Data: :class:`lipfast.data.LIPDataset` with SCHP's augmentation; each rank
-  reads its shard of a shuffled order (``seed + epoch``; drop_last), edge labels
-  are computed on the device with :func:`lipfast.losses.generate_edge`.
-- Loss: :class:`lipfast.losses.SCHPCriterion` on the float32 outputs.
+- Data: ``--data`` once per source (:func:`lipfast.data.parse_source`):
+  ``ROOT`` (a LIP root's train split), ``lip:ROOT:SPLIT`` or
+  ``cihp:ROOT:SPLIT`` (:class:`lipfast.data.CIHPPersonCrops`: one
+  single-person sample per person of a CIHP image, other people ignored,
+  CIHP's Torso-skin ignored for LIP's 20 classes), each optionally with
+  ``:WEIGHT`` (a sampling weight). Several sources form one
+  :class:`lipfast.data.MultiSourceDataset` (the epoch has as many samples as
+  all sources together; with weights each source's share is weight x size);
+  the per-source counts are printed at start. Every sample gets SCHP's
+  augmentation at ``--crop-size`` (473, 512, 576 or any size >= 2). Each rank
+  reads its shard of a shuffled order (``seed + epoch``; drop_last), edge
+  labels are computed on the device with :func:`lipfast.losses.generate_edge`.
+  Validation (``--val-every``) uses ``--val-data`` (default: the first
+  source's root, split ``val``).
+- Loss: :class:`lipfast.losses.SCHPCriterion` on the float32 outputs (HRNetV2
+  with ``--head seg``: :func:`lipfast.losses.upsample_cross_entropy`, the logits
+  upsampled with the model's ``align_corners`` inside the fused op).
 - Optimiser: SGD (momentum 0.9, weight decay 5e-4, ``--lr`` 7e-3), learning rate
   by SCHP's schedule (linear warm-up, cosine, cyclical cosine restarts during
   self-correction) evaluated per iteration (SCHP steps it per epoch).
@@ -85,7 +111,7 @@ import torch.distributed as dist
 
 from lipfast._io import atomic_file
 from lipfast._train_utils import (CHECKPOINT_FORMAT, PROGRESS_MODES, Progress, SCHPSchedule,
-                                  ShardSampler, StopFlag, atomic_save, bn_re_estimate, build_model,
+                                  ShardSampler, StopFlag, atomic_save, bn_re_estimate,
                                   ignore_sigint_in_worker, load_training_checkpoint,
                                   layers_arg, model_hparams, moving_average, rng_state,
                                   set_rng_state)
@@ -95,27 +121,44 @@ CURVES_SIZE = (900, 340)  # curves.png: two panels, loss and val mIoU per epoch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lipfast.models import MODEL_NAMES
+
     p = argparse.ArgumentParser(prog="python -m lipfast.train",
-                                description="Train CE2P/SCHP on a LIP-layout data set.")
-    p.add_argument("--data", required=True, help="LIP-layout data root")
+                                description="Train CE2P/SCHP or HRNetV2 on LIP / CIHP data.")
+    p.add_argument("--data", required=True, action="append", metavar="SOURCE",
+                   help="a data source, repeatable: ROOT (LIP layout, train split), "
+                        "lip:ROOT:SPLIT or cihp:ROOT:SPLIT, optionally :WEIGHT")
+    p.add_argument("--val-data", default=None, metavar="SOURCE",
+                   help="validation source (default: the first --data root, split val)")
     p.add_argument("--out", default="runs/lipfast", help="output folder")
-    p.add_argument("--context", default="psp", choices=("psp", "base_oc", "pyramid_oc", "asp_oc"))
-    p.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+    p.add_argument("--model", default="ce2p", choices=MODEL_NAMES,
+                   help="ce2p (ResNet-101 CE2P/SCHP, default) or HRNetV2 of width 18/32/48")
+    p.add_argument("--head", default=None, choices=("ce2p", "seg"),
+                   help="HRNetV2's head: ce2p (edge + fusion, default) or seg (HRNet's)")
+    p.add_argument("--context", default=None,
+                   choices=("psp", "base_oc", "pyramid_oc", "asp_oc", "none"),
+                   help="CE2P: psp (default) or an OC context; HRNetV2: none (default) or "
+                        "an OC context")
+    p.add_argument("--output-stride", type=int, default=None, choices=(8, 16),
+                   help="CE2P only (default 16)")
     p.add_argument("--norm", default=None,
                    choices=("inplace_abn_sync", "inplace_abn", "batchnorm"),
                    help="default: inplace_abn_sync under DDP, inplace_abn otherwise")
-    p.add_argument("--layers", type=layers_arg, default=(3, 4, 23, 3),
-                   help="Bottleneck counts of layer1..4 (default 3,4,23,3 = ResNet-101)")
-    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--layers", type=layers_arg, default=None,
+                   help="CE2P only: Bottleneck counts of layer1..4 (default 3,4,23,3 = "
+                        "ResNet-101)")
+    p.add_argument("--width-mult", type=float, default=None, help="CE2P only (default 1)")
     p.add_argument("--num-classes", type=int, default=20)
     p.add_argument("--imagenet", default=None, metavar="PATH",
-                   help="ImageNet ResNet checkpoint for the backbone (deep-stem names)")
+                   help="ImageNet checkpoint for the backbone (CE2P: a deep-stem ResNet; "
+                        "HRNetV2: hrnetv2_w48_imagenet_pretrained.pth and its siblings)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="initial weights of the whole model: a lipfast.train checkpoint, "
                         "SCHP's release checkpoint or a plain state_dict")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--crop-size", type=int, default=473)
+    p.add_argument("--crop-size", type=int, default=473,
+                   help="training crop (473; the seed's larger inputs: 512, 576)")
     p.add_argument("--lr", type=float, default=7e-3)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -128,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=None,
                    help="stop (and save) after this many iterations in total")
     p.add_argument("--val-every", type=int, default=0,
-                   help="validate on the val split every N epochs (0: never)")
+                   help="validate (--val-data) every N epochs (0: never)")
     p.add_argument("--val-batches", type=int, default=None, help="limit validation batches")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (default: OUT/checkpoint.pth)")
@@ -313,25 +356,43 @@ def _plot_curves(csv_path: str, png_path: str) -> bool:
     return True
 
 
+def _source_names(specs) -> list:
+    """``kind:split`` per source, numbered where two would share a name."""
+    names = [f"{sp.kind}:{sp.split}" for sp in specs]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i].count(n) + 1}"
+            for i, n in enumerate(names)]
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
         self.device, self.rank, self.world = _setup_distributed(args.device)
         torch.manual_seed(args.seed)
+        norm = args.norm or ("inplace_abn_sync" if self.world > 1 else "inplace_abn")
+        self.model_kwargs = self._model_kwargs(norm)
         self._check_args()
-        from lipfast.data import LIPDataset, collate
+        from lipfast.data import MultiSourceDataset, collate
         from lipfast.losses import SCHPCriterion
+        from lipfast.models import input_format
 
         self.collate = collate
-        self.train_set = LIPDataset(args.data, "train", crop_size=args.crop_size, train=True,
-                                    seed=args.seed, num_classes=args.num_classes)
+        self.input_format = input_format(args.model)
+        # each source its own augmentation stream (the first keeps --seed's)
+        sources = [self._source(spec, train=True, seed=args.seed + 7919 * i)
+                   for i, spec in enumerate(self.specs)]
+        weights = [spec.weight for spec in self.specs]
+        if len(sources) == 1 and weights[0] == 1.0:
+            self.train_set = sources[0]
+        else:
+            self.train_set = MultiSourceDataset(
+                sources, weights=None if all(w == 1.0 for w in weights) else weights,
+                seed=args.seed, names=_source_names(self.specs))
         if args.val_every:  # fail now, not after the first epoch
-            LIPDataset(args.data, "val", crop_size=args.crop_size, train=False,
-                       num_classes=args.num_classes)
+            self._source(self.val_spec, train=False)
         n = len(self.train_set)
         if n < self.world * args.batch_size:
-            raise ValueError(f"{args.data}: {n} training images, fewer than one batch "
-                             f"({args.batch_size} per process x {self.world} processes)")
+            raise ValueError(f"{', '.join(args.data)}: {n} training samples, fewer than one "
+                             f"batch ({args.batch_size} per process x {self.world} processes)")
         self.sampler = ShardSampler(n, args.batch_size, self.rank, self.world, args.seed)
         self.iters_per_epoch = self.sampler.batches
         self.loader = torch.utils.data.DataLoader(
@@ -341,11 +402,9 @@ class Trainer:
             # own generator: starting an epoch must not draw from the global RNG
             # (a mid-epoch resume would otherwise shift the dropout stream)
             generator=torch.Generator().manual_seed(args.seed))
-        norm = args.norm or ("inplace_abn_sync" if self.world > 1 else "inplace_abn")
-        hp = {"num_classes": args.num_classes, "context": args.context,
-              "output_stride": args.output_stride, "layers": list(args.layers),
-              "width_mult": args.width_mult, "norm": norm}
-        model = build_model(hp)
+        from lipfast.models import build
+
+        model = build(args.model, num_classes=args.num_classes, **self.model_kwargs)
         if args.imagenet:
             from lipfast.models import load_imagenet
 
@@ -368,7 +427,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 **no_sync)
         self.net = self.ddp or self.model
-        self.criterion = SCHPCriterion(num_classes=args.num_classes)
+        self.ce2p_outputs = getattr(self.model, "head", "ce2p") == "ce2p"
+        self.criterion = (SCHPCriterion(num_classes=args.num_classes) if self.ce2p_outputs
+                          else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr,
                                          momentum=args.momentum, weight_decay=args.weight_decay)
         self.schp_start = args.epochs - args.cycles * args.cycle_epochs if args.cycles else None
@@ -391,6 +452,40 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
 
+    def _model_kwargs(self, norm: str) -> dict:
+        """The constructor arguments of ``--model`` from the flags (CE2P-only
+        flags refused with HRNet and ``--head`` with CE2P)."""
+        a = self.args
+        if a.model == "ce2p":
+            if a.head is not None:
+                raise ValueError("--head applies to the HRNetV2 models (--model hrnetv2_w48 "
+                                 "...); CE2P has its own head")
+            if a.context == "none":
+                raise ValueError("--context none: CE2P needs a context (psp, base_oc, "
+                                 "pyramid_oc or asp_oc)")
+            return {"context": a.context or "psp", "output_stride": a.output_stride or 16,
+                    "layers": tuple(a.layers or (3, 4, 23, 3)),
+                    "width_mult": 1.0 if a.width_mult is None else a.width_mult, "norm": norm}
+        given = [f for f, v in (("--output-stride", a.output_stride), ("--layers", a.layers),
+                                ("--width-mult", a.width_mult)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --model ce2p only, not to "
+                             f"{a.model}")
+        if a.context == "psp":
+            raise ValueError("--context psp is CE2P's; HRNetV2 takes none or an OC context "
+                             "(base_oc, pyramid_oc, asp_oc)")
+        return {"head": a.head or "ce2p",
+                "context": None if a.context in (None, "none") else a.context, "norm": norm}
+
+    def _source(self, spec, train: bool, seed: int | None = None):
+        from lipfast.data import build_source
+
+        order, mean, std = self.input_format
+        return build_source(spec, crop_size=self.args.crop_size, train=train,
+                            seed=self.args.seed if seed is None else seed,
+                            num_classes=self.args.num_classes,
+                            channel_order=order, mean=mean, std=std)
+
     def _init_weights(self, model, path: str) -> None:
         """``--init``: the whole model's weights from a checkpoint in any format,
         its keys checked against the model flags first (errors name the flag)."""
@@ -398,8 +493,10 @@ class Trainer:
 
         a = self.args
         ckpt = read_checkpoint(path)
-        checkpoint_config(ckpt, num_classes=a.num_classes, context=a.context, layers=a.layers,
-                          width_mult=a.width_mult)
+        kw = {k: v for k, v in self.model_kwargs.items() if k != "norm"}
+        if "layers" in kw:
+            kw["layers"] = list(kw["layers"])
+        checkpoint_config(ckpt, model=a.model, num_classes=a.num_classes, **kw)
         load_checkpoint(model, ckpt)
         _log(f"lipfast.train: weights initialised from {path} ({ckpt.description})")
 
@@ -410,20 +507,35 @@ class Trainer:
                              "continues a lipfast.train run, --init starts a new one)")
         if a.init and a.imagenet:
             raise ValueError("--init and --imagenet both set the backbone: pass one")
-        for name in ("epochs", "batch_size", "crop_size", "cycle_epochs", "num_classes"):
+        for name in ("epochs", "batch_size", "cycle_epochs", "num_classes"):
             if getattr(a, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+        if a.crop_size < 2:
+            raise ValueError(f"--crop-size must be >= 2, got {a.crop_size}")
+        if a.cycles and self.model_kwargs.get("head") == "seg":
+            raise ValueError("--cycles: self-correction needs the CE2P head's edge and fusion "
+                             "outputs; HRNetV2 --head seg has neither (use --head ce2p)")
         if a.cycles < 0:
             raise ValueError(f"--cycles must be >= 0, got {a.cycles}")
         if a.cycles and a.cycles * a.cycle_epochs >= a.epochs:
             raise ValueError(f"--cycles {a.cycles} x --cycle-epochs {a.cycle_epochs} leaves no "
                              f"warm start in {a.epochs} epochs (SCHP: 150 epochs, 5 x 10)")
-        if not a.lr > 0 or not a.width_mult > 0:
+        if not a.lr > 0 or not (a.width_mult is None or a.width_mult > 0):
             raise ValueError("--lr and --width-mult must be positive")
         if a.max_iters is not None and a.max_iters < 0:
             raise ValueError("--max-iters must be >= 0")
-        if not os.path.isdir(a.data):
-            raise FileNotFoundError(f"--data: data root not found: {a.data}")
+        from lipfast.data import parse_source
+
+        self.specs = [parse_source(text) for text in a.data]
+        for spec in self.specs:
+            if not os.path.isdir(spec.root):
+                raise FileNotFoundError(f"--data {spec.kind}:{spec.root}:{spec.split}: data "
+                                        f"root not found: {spec.root}")
+        if a.val_data is not None:
+            self.val_spec = parse_source(a.val_data)
+        else:
+            first = self.specs[0]
+            self.val_spec = type(first)(first.kind, first.root, "val")
 
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -451,9 +563,13 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         ckpt = load_training_checkpoint(path)
-        for k in ("num_classes", "context", "output_stride", "layers", "width_mult"):
-            if ckpt["hparams"].get(k) != self.hparams[k]:
-                raise ValueError(f"--resume {path}: checkpoint has {k}={ckpt['hparams'].get(k)!r},"
+        stored = dict(ckpt["hparams"])
+        stored.setdefault("model", "ce2p")   # checkpoints from before HRNetV2
+        for k in self.hparams:
+            if k in ("norm", "crop_size"):
+                continue
+            if stored.get(k) != self.hparams[k]:
+                raise ValueError(f"--resume {path}: checkpoint has {k}={stored.get(k)!r},"
                                  f" the command line {self.hparams[k]!r}")
         if ckpt.get("world_size", 1) != self.world:
             _log(f"lipfast.train: warning: checkpoint from {ckpt.get('world_size')} processes, "
@@ -487,6 +603,8 @@ class Trainer:
         from lipfast.losses import generate_edge
 
         images, labels = self._to_device(images, labels)
+        if not self.ce2p_outputs:
+            return self._seg_step(images, labels)
         edges = generate_edge(labels)
         target = [labels, edges]
         cycle_n = None
@@ -507,6 +625,31 @@ class Trainer:
         else:
             preds = self.net(images)
         loss = self.criterion(_float_outputs(preds), target, cycle_n=cycle_n)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _seg_step(self, images, labels) -> torch.Tensor:
+        """One SGD step of a model with a single logits output (HRNetV2 ``head="seg"``):
+        the fused upsampled cross-entropy, as HRNet-Semantic-Segmentation trains it."""
+        from lipfast.losses import upsample_cross_entropy
+
+        self.net.train()
+        if self.autocast is not None:
+            with self.autocast():
+                logits = self.net(images)
+        else:
+            logits = self.net(images)
+        loss = upsample_cross_entropy(logits.float(), labels, ignore_index=255,
+                                      align_corners=bool(self.model.align_corners))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -558,11 +701,9 @@ class Trainer:
              f"statistics re-estimated on {n * self.world} images")
 
     def validate(self):
-        from lipfast.data import LIPDataset
         from lipfast.evaluate import evaluate_loader
 
-        val = LIPDataset(self.args.data, "val", crop_size=self.args.crop_size, train=False,
-                         num_classes=self.args.num_classes)
+        val = self._source(self.val_spec, train=False)
         idx = list(range(self.rank, len(val), self.world))
         if self.args.val_batches is not None:
             idx = idx[:self.args.val_batches * self.args.batch_size]
@@ -586,10 +727,16 @@ class Trainer:
         a = self.args
         if a.resume is not None:
             self.resume(a.resume or self.ckpt_path)
-        _log(f"lipfast.train: {len(self.train_set)} training images, {self.world} process(es), "
+        describe = getattr(self.train_set, "describe", None)
+        if describe is not None:
+            _log("lipfast.train: data sources:\n" + "\n".join("  " + line
+                                                             for line in describe()))
+        head = f", head {self.model.head}" if a.model != "ce2p" else ""
+        _log(f"lipfast.train: {len(self.train_set)} training samples, {self.world} process(es), "
              f"batch {a.batch_size}/process, {self.iters_per_epoch} iterations/epoch, "
-             f"{a.epochs} epochs, device {self.device}, norm {self.model.norm}, "
-             f"context {self.model.context}, amp {'off' if self.autocast is None else a.amp}")
+             f"{a.epochs} epochs, device {self.device}, model {a.model}{head}, "
+             f"norm {self.model.norm}, context {self.model.context}, crop {a.crop_size}, "
+             f"amp {'off' if self.autocast is None else a.amp}")
         status = 0
         with StopFlag() as flag:
             while self.epoch < a.epochs:

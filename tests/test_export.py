@@ -229,3 +229,33 @@ def test_failed_export_does_not_clobber(schp_checkpoint, tmp_path, monkeypatch):
         export_onnx(Tiny().eval(), out, (8, 8))
     assert out.read_bytes() == b"old model"
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("head", ["seg"])   # the CE2P head exports as CE2P does (above)
+def test_hrnet_exports(head, tmp_path):
+    """HRNetV2 (width 18, small input): the seg head as one output ``logits``
+    (onnxruntime against the folded model at batch 1 and 2; the CE2P head gives
+    CE2P's three outputs, the same code path as above, and costs a minute more)."""
+    from lipfast.export import SEG_OUTPUT_NAMES
+    from lipfast.models import HRNetV2
+
+    torch.manual_seed(0)
+    model = randomize(HRNetV2(5, 18, head=head, norm="inplace_abn"), seed=4).eval()
+    path = tmp_path / f"hrnet_{head}.onnx"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        info = export_onnx(model, path, (65, 49))
+    names = list(SEG_OUTPUT_NAMES if head == "seg" else OUTPUT_NAMES)
+    assert list(info["outputs"]) == names
+    assert info["outputs"][names[0]] == ["batch", 5, 17, 13]
+    folded = fold_norms(model)
+    sess = _session(path)
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 65, 49, generator=g)
+        with torch.no_grad():
+            out = folded(x)
+        expected = [out] if head == "seg" else flat(out)
+        actual = sess.run(None, {"image": x.numpy()})
+        for name, a, e in zip(names, actual, expected):
+            assert_close_rel(torch.from_numpy(a), e, ORT_TOL, f"hrnet {head}/{name}/{batch}")

@@ -87,7 +87,8 @@ def test_loss_goes_down_and_outputs(trained):
     assert rows[1].split(",")[4] == "" and 0 <= float(rows[2].split(",")[4]) <= 100  # val mIoU
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 8 and ckpt["iter_in_epoch"] == 0
-    assert ckpt["hparams"] == {"num_classes": 20, "context": "psp", "output_stride": 16,
+    assert ckpt["hparams"] == {"model": "ce2p", "num_classes": 20, "context": "psp",
+                               "output_stride": 16,
                                "layers": [1, 1, 1, 1], "width_mult": 0.125,
                                "norm": "inplace_abn", "crop_size": 57}
     for key in ("model", "optimizer", "scheduler", "rng"):
