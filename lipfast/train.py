@@ -735,8 +735,8 @@ class Trainer:
         _log(f"lipfast.train: {len(self.train_set)} training samples, {self.world} process(es), "
              f"batch {a.batch_size}/process, {self.iters_per_epoch} iterations/epoch, "
              f"{a.epochs} epochs, device {self.device}, model {a.model}{head}, "
-             f"norm {self.model.norm}, context {self.model.context}, crop {a.crop_size}, "
-             f"amp {'off' if self.autocast is None else a.amp}")
+             f"norm {self.model.norm}, context {self.model.context or 'none'}, "
+             f"crop {a.crop_size}, amp {'off' if self.autocast is None else a.amp}")
         status = 0
         with StopFlag() as flag:
             while self.epoch < a.epochs:

@@ -178,3 +178,29 @@ def test_hrnet_state_dict_errors_name_the_problem(tmp_path):
     odd["transition1.0.0.weight"] = torch.zeros(40, 256, 3, 3)
     with pytest.raises(ValueError, match="width 40.*18, 32, 48"):
         infer_config(odd, "x.pth")
+
+
+def test_imagenet_init_of_hrnet_with_ce2p_head(tmp_path):
+    """An ImageNet HRNet file initialises only the backbone of an HRNetV2 with the CE2P
+    head and a context: classifier-only keys skipped, the heads left as they were."""
+    from lipfast.models import load_imagenet
+
+    src = _small_hrnet("seg")
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("last_layer.")}
+    state["classifier.weight"] = torch.zeros(1000, 2048)
+    state["incre_modules.0.0.conv1.weight"] = torch.zeros(32, 18, 1, 1)
+    torch.save(state, tmp_path / "hrnet_w18_imagenet.pth")
+    torch.manual_seed(5)
+    dst = HRNetV2(6, 18, head="ce2p", context="asp_oc", norm="batchnorm")
+    heads = {k: v.clone() for k, v in dst.state_dict().items()
+             if k.split(".", 1)[0] in ("edge", "decoder", "fushion", "context_encoding")}
+    report = load_imagenet(dst, tmp_path / "hrnet_w18_imagenet.pth")
+    assert report.skipped == ["classifier.weight", "incre_modules.0.0.conv1.weight"]
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in heads.items())
+    assert torch.equal(after["stage4.0.branches.3.0.conv1.weight"],
+                       src.state_dict()["stage4.0.branches.3.0.conv1.weight"])
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        del state["conv1.weight"]
+        torch.save(state, tmp_path / "bad.pth")
+        load_imagenet(dst, tmp_path / "bad.pth")
