@@ -618,38 +618,31 @@ class Trainer:
                     soft = self.schp_model(images)
             target += [soft[0][-1].float(), soft[1][-1].float()]
             cycle_n = self.cycle_n
-        self.net.train()
-        if self.autocast is not None:
-            with self.autocast():
-                preds = self.net(images)
-        else:
-            preds = self.net(images)
+        preds = self._forward(images)
         loss = self.criterion(_float_outputs(preds), target, cycle_n=cycle_n)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.lr = self.scheduler.get_last_lr()
-        self.scheduler.step()
-        return loss.detach()
+        return self._backward_and_step(loss)
 
     def _seg_step(self, images, labels) -> torch.Tensor:
         """One SGD step of a model with a single logits output (HRNetV2 ``head="seg"``):
         the fused upsampled cross-entropy, as HRNet-Semantic-Segmentation trains it."""
         from lipfast.losses import upsample_cross_entropy
 
+        logits = self._forward(images)
+        loss = upsample_cross_entropy(logits.float(), labels, ignore_index=255,
+                                      align_corners=bool(self.model.align_corners))
+        return self._backward_and_step(loss)
+
+    def _forward(self, images):
+        """The training forward (train mode, under autocast when it is on)."""
         self.net.train()
         if self.autocast is not None:
             with self.autocast():
-                logits = self.net(images)
-        else:
-            logits = self.net(images)
-        loss = upsample_cross_entropy(logits.float(), labels, ignore_index=255,
-                                      align_corners=bool(self.model.align_corners))
+                return self.net(images)
+        return self.net(images)
+
+    def _backward_and_step(self, loss) -> torch.Tensor:
+        """Backward (through the gradient scaler with fp16), SGD and schedule
+        steps; ``self.lr`` becomes the step's rate. Returns the detached loss."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
