@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../abn.h"
 
@@ -67,6 +68,53 @@ inline void for_each_row(const NCS& d, const F& f) {
   at::parallel_for(0, d.n * d.c, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) f(r, r % d.c, r * d.s);
   });
+}
+
+// ---- per-channel coefficients, computed in plain loops (no ATen op per call:
+// HRNet runs ~300 norms on small maps, where a dozen tiny tensor ops per call
+// cost as much as the kernels). The arithmetic is that of the ATen formulation
+// in ../abn.h (forward_coefficients / backward_coefficients), which the CUDA
+// glue keeps: w~ = |w| + eps rounded in the statistics dtype, the rest in double.
+
+// Element i of a 1-D floating tensor as double (any stride).
+template <typename T>
+inline void read_doubles(const at::Tensor& t, std::vector<double>& out) {
+  const T* p = t.const_data_ptr<T>();
+  const int64_t st = t.stride(0);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * st]);
+}
+
+// A per-channel tensor (or `fill` when absent) as doubles, first rounded to the
+// statistics dtype S when `to_stats` (as `t.to(stats_dtype(x))` does).
+template <typename S>
+std::vector<double> channel_values(const c10::optional<at::Tensor>& t, int64_t c, double fill,
+                                   bool to_stats) {
+  std::vector<double> out(static_cast<size_t>(c), fill);
+  if (!t.has_value() || !t->defined()) return out;
+  switch (t->scalar_type()) {
+    case at::kDouble: read_doubles<double>(*t, out); break;
+    case at::kFloat: read_doubles<float>(*t, out); break;
+    case at::kHalf: read_doubles<at::Half>(*t, out); break;
+    case at::kBFloat16: read_doubles<at::BFloat16>(*t, out); break;
+    default: read_doubles<double>(t->to(at::kDouble).contiguous(), out); break;
+  }
+  if (to_stats) {
+    for (double& v : out) v = static_cast<double>(static_cast<S>(v));
+  }
+  return out;
+}
+
+// w~ = |w| + eps in the statistics dtype S (1 without a weight), as double.
+template <typename S>
+std::vector<double> effective_weight_values(const c10::optional<at::Tensor>& w, int64_t c,
+                                            double eps) {
+  std::vector<double> out = channel_values<S>(w, c, 1.0, true);
+  if (w.has_value() && w->defined()) {
+    for (double& v : out) {
+      v = static_cast<double>(static_cast<S>(std::abs(static_cast<S>(v)) + static_cast<S>(eps)));
+    }
+  }
+  return out;
 }
 
 void check_cpu_dtype(const at::Tensor& x, const char* what) {
@@ -137,13 +185,26 @@ inline void normalize_row(T* __restrict__ p, int64_t n, T scale, T shift, Activa
   }
 }
 
-void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& scale,
-                                const at::Tensor& shift, Activation act, double param) {
+void abn_forward_cpu_contiguous(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                                const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, double eps,
+                                Activation act, double param) {
   const NCS d = ncs_of(x);
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "abn_forward_cpu", [&] {
-    const scalar_t* psc = scale.const_data_ptr<scalar_t>();
-    const scalar_t* psh = shift.const_data_ptr<scalar_t>();
+    // scale = w~ / sqrt(var + eps), shift = b - mean * scale (double, then scalar_t)
+    const std::vector<double> w = effective_weight_values<scalar_t>(weight, d.c, eps);
+    const std::vector<double> b = channel_values<scalar_t>(bias, d.c, 0.0, true);
+    const std::vector<double> mu = channel_values<scalar_t>(mean, d.c, 0.0, false);
+    const std::vector<double> v = channel_values<scalar_t>(var, d.c, 0.0, false);
+    std::vector<scalar_t> scale(d.c), shift(d.c);
+    for (int64_t c = 0; c < d.c; ++c) {
+      const double sc = w[c] * (1.0 / std::sqrt(v[c] + eps));
+      scale[c] = static_cast<scalar_t>(sc);
+      shift[c] = static_cast<scalar_t>(b[c] - mu[c] * sc);
+    }
+    const scalar_t* psc = scale.data();
+    const scalar_t* psh = shift.data();
     scalar_t* px = x.mutable_data_ptr<scalar_t>();
     const scalar_t prm = static_cast<scalar_t>(param);
     for_each_row(d, [=](int64_t r, int64_t c, int64_t off) {
@@ -163,13 +224,11 @@ void abn_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& va
   check_channel_param(weight, x, "weight");
   check_channel_param(bias, x, "bias");
   const Activation act = parse_activation(std::string(activation), param);
-  const auto [scale, shift] =
-      forward_coefficients(x, mean, var, weight, bias, eps, x.scalar_type());
   if (x.is_contiguous()) {
-    abn_forward_cpu_contiguous(x, scale, shift, act, param);
+    abn_forward_cpu_contiguous(x, mean, var, weight, bias, eps, act, param);
   } else {
     at::Tensor tmp = x.contiguous();
-    abn_forward_cpu_contiguous(tmp, scale, shift, act, param);
+    abn_forward_cpu_contiguous(tmp, mean, var, weight, bias, eps, act, param);
     x.copy_(tmp);
   }
 }
@@ -277,16 +336,16 @@ std::tuple<at::Tensor, at::Tensor> abn_backward_reduce_cpu(
   const at::Tensor y = y_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   const NCS d = ncs_of(y);
-  const at::Tensor w_eff = effective_weight(weight, y, eps).to(at::kDouble);
-  const at::Tensor b_eff = effective_bias(bias, y).to(at::kDouble);
   auto s_dz = at::zeros({d.c}, y.options());
   auto s_xdz = at::zeros({d.c}, y.options());
   if (y.numel() == 0) return {s_dz, s_xdz};
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "abn_backward_reduce_cpu", [&] {
+    const std::vector<double> w_eff = effective_weight_values<scalar_t>(weight, d.c, eps);
+    const std::vector<double> b_eff = channel_values<scalar_t>(bias, d.c, 0.0, true);
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    const double* pw = w_eff.const_data_ptr<double>();
-    const double* pb = b_eff.const_data_ptr<double>();
+    const double* pw = w_eff.data();
+    const double* pb = b_eff.data();
     scalar_t* p1 = s_dz.mutable_data_ptr<scalar_t>();
     scalar_t* p2 = s_xdz.mutable_data_ptr<scalar_t>();
     const scalar_t prm = static_cast<scalar_t>(param);
@@ -326,12 +385,25 @@ at::Tensor abn_backward_elemt_cpu(const at::Tensor& y_in, const at::Tensor& dy_i
   const NCS d = ncs_of(y);
   auto dx = at::empty_like(y, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return dx;
-  const auto [k1, k2, k3] = backward_coefficients(y, var, weight, bias, mean_dz, mean_xhat_dz,
-                                                  eps, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "abn_backward_elemt_cpu", [&] {
-    const scalar_t* q1 = k1.const_data_ptr<scalar_t>();
-    const scalar_t* q2 = k2.const_data_ptr<scalar_t>();
-    const scalar_t* q3 = k3.const_data_ptr<scalar_t>();
+    // k1 = w~ rstd, k2 = -rstd mean_xhat_dz, k3 = rstd mean_xhat_dz b - k1 mean_dz
+    const int64_t nc = d.c;
+    const std::vector<double> w = effective_weight_values<scalar_t>(weight, nc, eps);
+    const std::vector<double> b = channel_values<scalar_t>(bias, nc, 0.0, true);
+    const std::vector<double> v = channel_values<scalar_t>(var, nc, 0.0, false);
+    const std::vector<double> m1 = channel_values<scalar_t>(mean_dz, nc, 0.0, false);
+    const std::vector<double> m2 = channel_values<scalar_t>(mean_xhat_dz, nc, 0.0, false);
+    std::vector<scalar_t> k1(nc), k2(nc), k3(nc);
+    for (int64_t c = 0; c < nc; ++c) {
+      const double rstd = 1.0 / std::sqrt(v[c] + eps);
+      const double a1 = w[c] * rstd;
+      k1[c] = static_cast<scalar_t>(a1);
+      k2[c] = static_cast<scalar_t>(-rstd * m2[c]);
+      k3[c] = static_cast<scalar_t>(rstd * m2[c] * b[c] - a1 * m1[c]);
+    }
+    const scalar_t* q1 = k1.data();
+    const scalar_t* q2 = k2.data();
+    const scalar_t* q3 = k3.data();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
