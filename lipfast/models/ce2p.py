@@ -159,6 +159,47 @@ def _relu_conv(fuse: bool, relu: nn.Module, conv: nn.Conv2d, y: torch.Tensor) ->
                        conv.groups)
 
 
+def add_cpu_autocast_hooks(model: nn.Module) -> None:
+    """:func:`_float_on_cpu` / :func:`_back_to_autocast_dtype` on every in-place norm
+    of ``model`` (CE2P's and HRNetV2's constructors call it last)."""
+    for m in model.modules():
+        if isinstance(m, InPlaceABN):
+            m.register_forward_pre_hook(_float_on_cpu)
+            m.register_forward_hook(_back_to_autocast_dtype)
+
+
+def oc_context(context: str, in_channels: int, ctx: int, mid: int,
+               act: Callable[[int], nn.Module]) -> tuple[nn.Sequential, int]:
+    """OCNet's context head as CE2P holds it under ``context_encoding``:
+    ``Sequential(Conv2d(in_channels, ctx, 3, padding=1, bias=True), act(ctx), OC
+    module)`` with the module of ``context`` (``"base_oc"``: Base-OC with key /
+    value widths ``mid``; ``"pyramid_oc"``: Pyramid-OC over 1, 2, 3, 6 regions;
+    ``"asp_oc"``: ASP-OC with ``mid`` channels per branch, dilations 12, 24, 36),
+    and its output channels (``ctx``, or ``2 * mid`` for ASP-OC)."""
+    if context == "base_oc":
+        oc, out = BaseOCModule(ctx, ctx, mid, mid, 0.05, [1], norm_layer=act), ctx
+    elif context == "pyramid_oc":
+        oc, out = PyramidOCModule(ctx, ctx, 0.05, [1, 2, 3, 6], norm_layer=act), ctx
+    elif context == "asp_oc":
+        oc = ASPOCModule(ctx, mid, (12, 24, 36), head="current", norm_layer=act)
+        out = 2 * mid
+    else:
+        raise ValueError(f"oc_context: context must be 'base_oc', 'pyramid_oc' or 'asp_oc', "
+                         f"got {context!r}")
+    return nn.Sequential(nn.Conv2d(in_channels, ctx, 3, padding=1, bias=True), act(ctx), oc), out
+
+
+def fusion_head(mid: int, num_classes: int, act: Callable[[int], nn.Module]) -> nn.Sequential:
+    """CE2P's ``fushion``: on the decoder's (``mid``) and the edge branch's (``3 mid``)
+    features, 1x1 conv to ``mid``, norm, Dropout2d(0.1), 1x1 conv (bias) to the classes."""
+    return nn.Sequential(
+        nn.Conv2d(mid + 3 * mid, mid, 1, bias=False),
+        act(mid),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(mid, num_classes, 1, bias=True),
+    )
+
+
 def _up(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
@@ -366,36 +407,18 @@ class CE2P(nn.Module):
             self.context_encoding = PSPModule(c4, ctx, (1, 2, 3, 6), norm=act)
             ctx_out = ctx
         else:
-            if context == "base_oc":
-                oc = BaseOCModule(ctx, ctx, w(256), w(256), 0.05, [1], norm_layer=act)
-                ctx_out = ctx
-            elif context == "pyramid_oc":
-                if ctx < 2:
-                    raise ValueError("CE2P: pyramid_oc needs a context width >= 2 "
-                                     "(raise width_mult)")
-                oc = PyramidOCModule(ctx, ctx, 0.05, [1, 2, 3, 6], norm_layer=act)
-                ctx_out = ctx
-            else:
-                if w(256) < 2:
-                    raise ValueError("CE2P: asp_oc needs a width >= 2 (raise width_mult)")
-                oc = ASPOCModule(ctx, w(256), (12, 24, 36), head="current", norm_layer=act)
-                ctx_out = 2 * w(256)
-            self.context_encoding = nn.Sequential(
-                nn.Conv2d(c4, ctx, 3, padding=1, bias=True), act(ctx), oc)
+            if context == "pyramid_oc" and ctx < 2:
+                raise ValueError("CE2P: pyramid_oc needs a context width >= 2 "
+                                 "(raise width_mult)")
+            if context == "asp_oc" and w(256) < 2:
+                raise ValueError("CE2P: asp_oc needs a width >= 2 (raise width_mult)")
+            self.context_encoding, ctx_out = oc_context(context, c4, ctx, w(256), act)
         self.context_channels = ctx_out
 
         self.edge = EdgeModule((c1, c2, c3), w(256), 2, norm=act)
         self.decoder = DecoderModule(ctx_out, c1, num_classes, w(256), w(48), norm=act)
-        self.fushion = nn.Sequential(
-            nn.Conv2d(w(256) + 3 * w(256), w(256), 1, bias=False),
-            act(w(256)),
-            nn.Dropout2d(0.1),
-            nn.Conv2d(w(256), num_classes, 1, bias=True),
-        )
-        for m in self.modules():
-            if isinstance(m, InPlaceABN):
-                m.register_forward_pre_hook(_float_on_cpu)
-                m.register_forward_hook(_back_to_autocast_dtype)
+        self.fushion = fusion_head(w(256), num_classes, act)
+        add_cpu_autocast_hooks(self)
 
     def _make_layer(self, planes, blocks, stride, dilation, norm) -> nn.Sequential:
         downsample = None

@@ -495,10 +495,6 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> LoadReport:
     return _load(model, ckpt.state_dict, ckpt.path, strict, [])
 
 
-#: HRNetV2's backbone modules: what an ImageNet HRNet initialises (the heads,
-#: ``last_layer`` or CE2P's, and a context keep their initialisation)
-_HRNET_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "transition2",
-                   "transition3", "stage2", "stage3", "stage4")
 _BACKBONE = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3",
              "layer4")
 
@@ -518,14 +514,14 @@ def load_imagenet(model: nn.Module, path, strict: bool = True) -> LoadReport:
     backbone (stem, ``layer1``, ``transition1..3``, ``stage2..4``) and, under
     ``strict``, every backbone key present; the heads (``last_layer``, or CE2P's
     edge / decoder / fusion) and a context keep their initialisation."""
-    from .hrnet import HRNET_IMAGENET_ONLY, HRNetV2
+    from .hrnet import HRNET_BACKBONE, HRNET_IMAGENET_ONLY, HRNetV2
 
     state = read_state_dict(path)
     if isinstance(model, HRNetV2):
         skipped = sorted(k for k in state if k.split(".", 1)[0] in HRNET_IMAGENET_ONLY)
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in HRNET_IMAGENET_ONLY}
         return _load(model, state, os.fspath(path), strict, skipped,
-                     only_prefixes=_HRNET_BACKBONE)
+                     only_prefixes=HRNET_BACKBONE)
     skipped = sorted(k for k in state if k.split(".", 1)[0] == "fc")
     state = {k: v for k, v in state.items() if k.split(".", 1)[0] != "fc"}
     return _load(model, state, os.fspath(path), strict, skipped, only_prefixes=_BACKBONE)

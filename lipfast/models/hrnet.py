@@ -108,12 +108,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.abn import InPlaceABN, InPlaceABNSync
-from ..nn.oc import ASPOCModule, BaseOCModule, PyramidOCModule
-from .ce2p import (DecoderModule, EdgeModule, _back_to_autocast_dtype, _float_on_cpu, _norms,
-                   _relu_conv)
+from .ce2p import (DecoderModule, EdgeModule, _norms, _relu_conv, add_cpu_autocast_hooks,
+                   fusion_head, oc_context)
 
 __all__ = ["HRNetV2", "HRNET_MEAN", "HRNET_STD", "HRNET_WIDTHS", "HRNET_HEADS",
-           "HRNET_CONTEXTS", "HRNET_IMAGENET_ONLY"]
+           "HRNET_BACKBONE", "HRNET_CONTEXTS", "HRNET_IMAGENET_ONLY"]
 
 #: ImageNet normalisation, RGB order (HRNet-Semantic-Segmentation's).
 HRNET_MEAN = (0.485, 0.456, 0.406)
@@ -126,8 +125,9 @@ HRNET_CONTEXTS = (None, "base_oc", "pyramid_oc", "asp_oc")
 HRNET_IMAGENET_ONLY = ("incre_modules", "downsamp_modules", "final_layer", "classifier")
 _NORMS = ("inplace_abn_sync", "inplace_abn", "batchnorm")
 _MOMENTUM = 0.01
-#: top-level modules of the backbone (see :meth:`HRNetV2.backbone_parameters`)
-_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "stage2",
+#: top-level modules of the backbone (:meth:`HRNetV2.backbone_parameters`; what
+#: :func:`lipfast.models.load_imagenet` initialises)
+HRNET_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "stage2",
              "transition2", "stage3", "transition3", "stage4")
 # CE2P's head and context widths (CE2P at width_mult 1)
 _CTX, _MID, _LOW_MID = 512, 256, 48
@@ -377,18 +377,8 @@ class HRNetV2(nn.Module):
         if context is None:
             self.context_channels = last
         else:
-            if context == "base_oc":
-                oc = BaseOCModule(_CTX, _CTX, _MID, _MID, 0.05, [1], norm_layer=act)
-                ctx_out = _CTX
-            elif context == "pyramid_oc":
-                oc = PyramidOCModule(_CTX, _CTX, 0.05, [1, 2, 3, 6], norm_layer=act)
-                ctx_out = _CTX
-            else:
-                oc = ASPOCModule(_CTX, _MID, (12, 24, 36), head="current", norm_layer=act)
-                ctx_out = 2 * _MID
-            self.context_encoding = nn.Sequential(
-                nn.Conv2d(last, _CTX, 3, padding=1, bias=True), act(_CTX), oc)
-            self.context_channels = ctx_out
+            self.context_encoding, self.context_channels = oc_context(context, last, _CTX,
+                                                                      _MID, act)
         c = self.context_channels
         if head == "seg":
             self.last_layer = nn.Sequential(
@@ -397,16 +387,8 @@ class HRNetV2(nn.Module):
         else:
             self.edge = EdgeModule(ch[:3], _MID, 2, norm=act)
             self.decoder = DecoderModule(c, ch[0], num_classes, _MID, _LOW_MID, norm=act)
-            self.fushion = nn.Sequential(
-                nn.Conv2d(_MID + 3 * _MID, _MID, 1, bias=False),
-                act(_MID),
-                nn.Dropout2d(0.1),
-                nn.Conv2d(_MID, num_classes, 1, bias=True),
-            )
-        for m in self.modules():
-            if isinstance(m, InPlaceABN):
-                m.register_forward_pre_hook(_float_on_cpu)
-                m.register_forward_hook(_back_to_autocast_dtype)
+            self.fushion = fusion_head(_MID, num_classes, act)
+        add_cpu_autocast_hooks(self)
 
     @property
     def fuse_relu_conv(self) -> bool:
@@ -476,7 +458,7 @@ class HRNetV2(nn.Module):
     def backbone_parameters(self):
         """Parameters of the HRNet backbone (stem, ``layer1``, transitions, stages): all
         but the head and the context, e.g. for per-group learning rates."""
-        for n in _BACKBONE:
+        for n in HRNET_BACKBONE:
             yield from getattr(self, n).parameters()
 
     def for_inference(self) -> "HRNetV2":
