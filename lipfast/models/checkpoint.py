@@ -367,22 +367,22 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
     HRNet-only (``head``) argument. ``norm`` is free (all norms share keys and
     numerics; default: the stored one, ``inplace_abn_sync`` as
     ``inplace_abn``)."""
-    from .registry import HPARAMS
+    from .registry import required_hparams
 
     given = {"model": model, "num_classes": num_classes, "context": context, "head": head,
              "layers": None if layers is None else [int(v) for v in layers],
              "width_mult": width_mult, "output_stride": output_stride}
     if ckpt.hparams is not None:
         name = ckpt.hparams.get("model", "ce2p")
-        kind = "ce2p" if name == "ce2p" else "hrnetv2"
-        if kind == "hrnetv2" and not str(name).startswith("hrnetv2_w"):
-            raise ValueError(f"{ckpt.path}: lipfast.train checkpoint of an unknown model "
-                             f"{name!r}")
-        missing = [k for k in HPARAMS[kind] if k not in ckpt.hparams]
+        try:
+            keys = required_hparams(name)
+        except ValueError as err:
+            raise ValueError(f"{ckpt.path}: lipfast.train checkpoint of an {err}") from None
+        missing = [k for k in keys if k not in ckpt.hparams]
         if missing:
             raise ValueError(f"{ckpt.path}: lipfast.train checkpoint whose hparams lack "
                              f"{missing}")
-        cfg = {"model": name, **{k: ckpt.hparams[k] for k in HPARAMS[kind]}}
+        cfg = {"model": name, **{k: ckpt.hparams[k] for k in keys}}
         source = "stored hyper-parameters"
     else:
         cfg = infer_config(ckpt.state_dict, ckpt.path)

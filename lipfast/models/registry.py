@@ -34,7 +34,7 @@ import torch.nn as nn
 
 __all__ = ["MODEL_NAMES", "build", "model_name", "model_hparams", "build_from_hparams",
            "input_format", "convert_input", "parsing_logits", "describe_hparams",
-           "logits_align_corners", "full_size_logits", "HPARAMS"]
+           "logits_align_corners", "full_size_logits", "required_hparams", "HPARAMS"]
 
 MODEL_NAMES = ("ce2p", "hrnetv2_w18", "hrnetv2_w32", "hrnetv2_w48")
 #: the entries of ``hparams`` that rebuild each kind of model (besides ``model``)
@@ -99,20 +99,25 @@ def model_hparams(model: nn.Module) -> dict:
             "norm": str(model.norm), "align_corners": bool(model.align_corners)}
 
 
+def required_hparams(name: str) -> tuple:
+    """The ``hparams`` entries (besides ``model``) that rebuild the model ``name``."""
+    return HPARAMS[_kind(name)]
+
+
 def build_from_hparams(hparams: dict, norm: str | None = None) -> nn.Module:
     """The model of stored hyper-parameters; ``norm`` overrides the stored norm
     (all norms share keys and numerics). No ``model`` entry: CE2P."""
     if not isinstance(hparams, dict):
         raise ValueError(f"model hyper-parameters must be a dict, got {type(hparams).__name__}")
     name = hparams.get("model", "ce2p")
-    kind = _kind(name)
-    missing = [k for k in HPARAMS[kind] if k not in hparams]
+    keys = required_hparams(name)
+    missing = [k for k in keys if k not in hparams]
     if missing:
         raise ValueError(f"checkpoint hyper-parameters of a {name} model lack {missing}")
-    hp = {k: hparams[k] for k in HPARAMS[kind]}
+    hp = {k: hparams[k] for k in keys}
     if norm is not None:
         hp["norm"] = norm
-    if kind == "ce2p":
+    if name == "ce2p":
         hp["layers"] = tuple(int(v) for v in hp["layers"])
         hp["width_mult"] = float(hp["width_mult"])
         hp["output_stride"] = int(hp["output_stride"])
@@ -136,20 +141,15 @@ def input_format(model) -> tuple:
     """``(order, mean, std)`` of the input ``model`` expects: a built model, a
     model name or a hyper-parameter dict. ``order`` is ``"BGR"`` or ``"RGB"``;
     the image in [0, 1] in that order is normalised with ``mean`` / ``std``."""
-    from .ce2p import LIP_MEAN, LIP_STD
-    from .hrnet import HRNET_MEAN, HRNET_STD
-
     if isinstance(model, nn.Module):
         inner = getattr(model, "_orig_mod", model)   # torch.compile's wrapper
-        if hasattr(inner, "input_order"):
-            return str(inner.input_order), tuple(inner.input_mean), tuple(inner.input_std)
-        name = model_name(inner)
-    elif isinstance(model, dict):
-        name = model.get("model", "ce2p")
+        if not hasattr(inner, "input_order"):
+            model_name(inner)                        # TypeError naming the class
+        src = inner
     else:
-        name = model
-    return ("BGR", LIP_MEAN, LIP_STD) if _kind(name) == "ce2p" else ("RGB", HRNET_MEAN,
-                                                                   HRNET_STD)
+        src = _classes()[_kind(model.get("model", "ce2p") if isinstance(model, dict)
+                               else model)]
+    return str(src.input_order), tuple(src.input_mean), tuple(src.input_std)
 
 
 def convert_input(x: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
