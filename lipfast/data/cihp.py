@@ -50,7 +50,8 @@ cheap to send to loader workers). Each item then decodes the whole image,
 Errors and warnings name the file: a missing root, split folder, id list or
 listed file (``FileNotFoundError``; with ``check_files`` every listed image,
 ``Category_ids`` and ``Human_ids`` file is checked at construction, and their
-sizes are compared from the file headers); an image, ``Category_ids`` and
+sizes are compared: the image's and ``Category_ids``' from their file headers,
+``Human_ids``' when it is read for the persons); an image, ``Category_ids`` and
 ``Human_ids`` of different sizes (``ValueError``); category values outside
 0..19 (``ValueError``, when the item is read, as :func:`lipfast.data.read_label`);
 a ``Human_ids`` image whose persons have a gap (values 1 and 3 but no 2: a
@@ -197,9 +198,8 @@ class CIHPPersonCrops(ParsingDataset):
             self.image_ids = [i for i in (line.strip() for line in f) if i]
         if not self.image_ids:
             raise ValueError(f"CIHP id list {id_file} is empty")
-        if check_files:
-            self._check_files(id_file)
-        self._enumerate_persons(id_file)
+        sizes = self._check_files(id_file) if check_files else None
+        self._enumerate_persons(id_file, sizes)
 
     # ------------------------------------------------------------------ paths
     def image_path(self, image_id: str) -> str:
@@ -216,7 +216,9 @@ class CIHPPersonCrops(ParsingDataset):
                 self.human_path(image_id))
 
     # ------------------------------------------------------------------ construction
-    def _check_files(self, id_file: str) -> None:
+    def _check_files(self, id_file: str) -> dict:
+        """Every listed file exists; returns {image id: (image WxH, Category_ids WxH)}
+        from the file headers (Human_ids' size is compared when it is read)."""
         for d in (self.image_dir, self.category_dir, self.human_dir):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"CIHP folder not found: {d} (listed by {id_file})")
@@ -225,11 +227,11 @@ class CIHPPersonCrops(ParsingDataset):
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise FileNotFoundError(f"CIHP file not found: {missing[0]}{more} "
                                     f"(ids from {id_file})")
+        sizes = {}
         for i in self.image_ids:
-            img_p, cat_p, hum_p = self._paths(i)
-            self._check_sizes(i, _image_size(img_p, "CIHP image"),
-                              _image_size(cat_p, "CIHP Category_ids"),
-                              _image_size(hum_p, "CIHP Human_ids"))
+            img_p, cat_p, _ = self._paths(i)
+            sizes[i] = (_image_size(img_p, "CIHP image"), _image_size(cat_p, "CIHP Category_ids"))
+        return sizes
 
     def _check_sizes(self, image_id, img_wh, cat_wh, hum_wh) -> None:
         if not img_wh == cat_wh == hum_wh:
@@ -239,13 +241,17 @@ class CIHPPersonCrops(ParsingDataset):
                 f"Category_ids {cat_p} is {cat_wh[0]}x{cat_wh[1]}, Human_ids {hum_p} is "
                 f"{hum_wh[0]}x{hum_wh[1]}")
 
-    def _enumerate_persons(self, id_file: str) -> None:
+    def _enumerate_persons(self, id_file: str, sizes: dict | None = None) -> None:
+        """Reads every Human_ids PNG once: the persons and their boxes, and (given
+        ``sizes`` from :meth:`_check_files`) the three files' sizes compared."""
         rows = []
         empty = []
         for k, image_id in enumerate(self.image_ids):
             path = self.human_path(image_id)
             hum = _read_ids_png(path)
             h, w = hum.shape
+            if sizes is not None:
+                self._check_sizes(image_id, *sizes[image_id], (w, h))
             counts = np.bincount(hum.ravel())
             present = np.flatnonzero(counts)
             present = present[present > 0]
