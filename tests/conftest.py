@@ -29,3 +29,13 @@ def no_process_group_warnings():
         warnings.filterwarnings("ignore", message=".*process group.*")
         warnings.filterwarnings("ignore", message=".*distributed.*")
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests: the tiny models of the tool tests
+    run faster so, and do not fight the other CI jobs for the two cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

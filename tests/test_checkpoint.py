@@ -24,15 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lipfast.__file__)))
 TINY = dict(layers=(1, 1, 1, 1), width_mult=0.125)
 TINY_FLAGS = ["--workers", "0", "--device", "cpu", "--crop-size", "41", "--progress", "off"]
 
-pytestmark = pytest.mark.usefixtures("no_process_group_warnings")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("no_process_group_warnings", "one_thread")
 
 
 def _random_state(model, seed=0):

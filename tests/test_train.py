@@ -27,6 +27,7 @@ from lipfast import _train_utils
 from lipfast.data.synthetic import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lipfast.__file__)))  # for subprocesses
+pytestmark = pytest.mark.usefixtures("one_thread")
 # CPU even where a GPU is visible (the resume test is bitwise; cuDNN is not); the CUDA
 # tests at the end pass --device cuda after these (argparse keeps the last).
 TINY = ["--layers", "1,1,1,1", "--width-mult", "0.125", "--workers", "0", "--log-every", "1",
@@ -39,16 +40,6 @@ def _env():
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight the other CI jobs
-    for the two cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

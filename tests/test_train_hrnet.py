@@ -13,16 +13,9 @@ import torch
 
 from lipfast.data.synthetic import make_synthetic
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = ["--workers", "0", "--log-every", "1", "--warmup-epochs", "0", "--device", "cpu"]
 TINY_CE2P = ["--layers", "1,1,1,1", "--width-mult", "0.125"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
