@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import datetime
 import gc
@@ -534,8 +535,7 @@ class Trainer:
         if a.val_data is not None:
             self.val_spec = parse_source(a.val_data)
         else:
-            first = self.specs[0]
-            self.val_spec = type(first)(first.kind, first.root, "val")
+            self.val_spec = dataclasses.replace(self.specs[0], split="val", weight=1.0)
 
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict:
