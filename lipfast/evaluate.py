@@ -73,8 +73,10 @@ import torch
 from lipfast._io import atomic_file
 from lipfast._train_utils import PROGRESS_MODES, Progress, layers_arg
 from lipfast.data import SourceSpec, build_source, collate, lip_palette, parse_source, warp_back
+from lipfast.data.multi import SOURCE_KINDS
 from lipfast.models import (CONTEXTS, MODEL_NAMES, NORMS, input_format, model_from_checkpoint,
                             read_checkpoint)
+from lipfast.models.hrnet import HRNET_HEADS
 from lipfast.models.registry import describe_hparams
 
 #: ``--vis`` pictures: panels are upscaled (integer factor) to at least this height
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "it is an error)")
     g.add_argument("--num-classes", type=int, default=None)
     g.add_argument("--model", choices=MODEL_NAMES, default=None)
-    g.add_argument("--head", choices=("ce2p", "seg"), default=None, help="HRNetV2's head")
+    g.add_argument("--head", choices=HRNET_HEADS, default=None, help="HRNetV2's head")
     g.add_argument("--context", choices=CONTEXTS, default=None)
     g.add_argument("--layers", type=layers_arg, default=None,
                    help="Bottleneck counts of layer1..4, e.g. 3,4,23,3")
@@ -394,7 +396,7 @@ def main(argv=None) -> dict:
     num_classes = ncls.pop()
     crop = args.crop_size or hps[0].get("crop_size") or 473
     crop = tuple(crop) if isinstance(crop, (list, tuple)) else int(crop)
-    if args.data.split(":", 1)[0] in ("lip", "cihp"):
+    if args.data.split(":", 1)[0] in SOURCE_KINDS:
         spec = parse_source(args.data)
     else:
         spec = SourceSpec("lip", args.data, args.split)   # a plain root: --split

@@ -123,6 +123,7 @@ CURVES_SIZE = (900, 340)  # curves.png: two panels, loss and val mIoU per epoch
 
 def build_parser() -> argparse.ArgumentParser:
     from lipfast.models import MODEL_NAMES
+    from lipfast.models.hrnet import HRNET_HEADS
 
     p = argparse.ArgumentParser(prog="python -m lipfast.train",
                                 description="Train CE2P/SCHP or HRNetV2 on LIP / CIHP data.")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/lipfast", help="output folder")
     p.add_argument("--model", default="ce2p", choices=MODEL_NAMES,
                    help="ce2p (ResNet-101 CE2P/SCHP, default) or HRNetV2 of width 18/32/48")
-    p.add_argument("--head", default=None, choices=("ce2p", "seg"),
+    p.add_argument("--head", default=None, choices=HRNET_HEADS,
                    help="HRNetV2's head: ce2p (edge + fusion, default) or seg (HRNet's)")
     p.add_argument("--context", default=None,
                    choices=("psp", "base_oc", "pyramid_oc", "asp_oc", "none"),
