@@ -358,13 +358,6 @@ def _plot_curves(csv_path: str, png_path: str) -> bool:
     return True
 
 
-def _source_names(specs) -> list:
-    """``kind:split`` per source, numbered where two would share a name."""
-    names = [f"{sp.kind}:{sp.split}" for sp in specs]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i].count(n) + 1}"
-            for i, n in enumerate(names)]
-
-
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -374,6 +367,7 @@ class Trainer:
         self.model_kwargs = self._model_kwargs(norm)
         self._check_args()
         from lipfast.data import MultiSourceDataset, collate
+        from lipfast.data.multi import unique_names
         from lipfast.losses import SCHPCriterion
         from lipfast.models import input_format
 
@@ -388,7 +382,8 @@ class Trainer:
         else:
             self.train_set = MultiSourceDataset(
                 sources, weights=None if all(w == 1.0 for w in weights) else weights,
-                seed=args.seed, names=_source_names(self.specs))
+                seed=args.seed,
+                names=unique_names(f"{sp.kind}:{sp.split}" for sp in self.specs))
         if args.val_every:  # fail now, not after the first epoch
             self._source(self.val_spec, train=False)
         n = len(self.train_set)

@@ -177,13 +177,18 @@ def build_source(spec, crop_size=473, train: bool = True, seed: int = 0,
     return CIHPPersonCrops(spec.root, spec.split, **common, **kw)
 
 
-def _default_names(datasets) -> list[str]:
-    bases = [str(getattr(d, "source", type(d).__name__.lower())) for d in datasets]
+def unique_names(bases) -> list[str]:
+    """``bases`` with the repeated ones numbered (``lip``, ``lip`` -> ``lip1``, ``lip2``)."""
+    bases = [str(b) for b in bases]
     names, seen = [], {}
     for b in bases:
         seen[b] = seen.get(b, 0) + 1
         names.append(b if bases.count(b) == 1 else f"{b}{seen[b]}")
     return names
+
+
+def _default_names(datasets) -> list[str]:
+    return unique_names(getattr(d, "source", type(d).__name__.lower()) for d in datasets)
 
 
 def _apportion(total: int, quotas: np.ndarray) -> np.ndarray:
@@ -236,7 +241,7 @@ class MultiSourceDataset(torch.utils.data.Dataset):
         self.channel_order = getattr(self.datasets[0], "channel_order", None)
         k = len(self.datasets)
         if weights is not None:
-            weights = [w for w in weights]
+            weights = list(weights)
             if len(weights) != k:
                 raise ValueError(f"MultiSourceDataset: {len(weights)} weights for {k} sources")
             for w in weights:
