@@ -28,7 +28,7 @@ OPS = ROOT / "ops"
 CSRC = ROOT.parent / "csrc" / "ops"
 
 # lipfast's layers above the kernels (and lipfast itself, which imports them all)
-ABOVE = ("ops", "losses", "metrics", "models", "nn", "data", "patch", "train", "evaluate")
+ABOVE = ("ops", "losses", "metrics", "models", "nn", "data", "patch", "pose", "train", "evaluate")
 
 # torch.library calls that register something for an op named by their first argument
 REGISTER_FUNCS = {"register_fake", "register_kernel", "register_autograd", "impl",
