@@ -148,6 +148,26 @@ def test_lip_layout_output_unchanged(tmp_path):
         "val_segmentations"]
 
 
+def test_keypoints_do_not_change_the_drawing():
+    """make_sample(..., keypoints={}) (what --layout lip-pose uses) draws the same
+    pixels and fills the 16 joints, inside the image."""
+    for i in range(4):
+        kp = {}
+        img, lab = make_sample(3, "train", i, 48, keypoints=kp)
+        ref_img, ref_lab = make_sample(3, "train", i, 48)
+        assert np.array_equal(img, ref_img) and np.array_equal(lab, ref_lab)
+        assert sorted(kp) == list(range(16))
+        h, w = lab.shape
+        assert all(0 <= x <= w - 1 and 0 <= y <= h - 1 for x, y in kp.values())
+
+
+def test_lip_pose_layout_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--layout", "lip-pose", "--images", "0"])
+    with pytest.raises(ValueError, match="lip-pose"):
+        make_synthetic(tmp_path, 2, layout="pose")
+
+
 # ----------------------------------------------------------------- CIHP layout
 
 @pytest.fixture(scope="module")

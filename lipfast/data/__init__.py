@@ -16,8 +16,12 @@ run, the affine warps, and a synthetic data generator
 - :func:`warp_back`: maps crop-resolution outputs back to the original image (or
   person crop).
 - :func:`lip_palette`: the LIP colour palette for label PNGs.
+- :class:`LIPPoseDataset`, :func:`pose_collate` (``lipfast/data/pose.py``): LIP's
+  pose track (SPEC section 10): one sample per CSV row, the HRNet pose crop and
+  augmentation, ``(image, joints, visible, meta)`` items.
 - ``lipfast.data.synthetic``: drawn human-like figures with all 20 LIP classes,
-  in the LIP layout or (``--layout cihp``) several per image in the CIHP layout.
+  in the LIP layout, (``--layout cihp``) several per image in the CIHP layout, or
+  (``--layout lip-pose``) with their 16 joints in LIP's pose layout.
 
 Everything here runs on the CPU in the data-loader workers (PIL for decoding,
 torch for the warps); edge labels are computed on the device by the training
@@ -29,11 +33,15 @@ from .lip import (FLIP_PAIRS, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, LIP_MEAN_BGR,
                   LIP_NUM_CLASSES, LIP_STD_BGR, LIPDataset, collate, crop_hw, denormalize,
                   read_image, read_label)
 from .multi import MultiSourceDataset, SourceSpec, build_source, parse_source
-from .transforms import (affine_matrix, box_to_center_scale, lip_palette, warp_back, warp_image,
-                         warp_label)
+from .pose import LIPPoseDataset, pose_collate, read_pose_csv
+from .transforms import (affine_matrix, affine_points, box_to_center_scale, flip_matrix,
+                         lip_palette, pose_affine_matrix, pose_box_to_center_scale, warp_back,
+                         warp_image, warp_label)
 
 __all__ = ["LIPDataset", "CIHPPersonCrops", "MultiSourceDataset", "SourceSpec", "parse_source",
            "build_source", "collate", "crop_hw", "denormalize", "read_image", "read_label",
            "affine_matrix", "box_to_center_scale", "lip_palette", "warp_back", "warp_image",
            "warp_label", "FLIP_PAIRS", "LIP_MEAN_BGR", "LIP_STD_BGR", "IMAGENET_MEAN_RGB",
-           "IMAGENET_STD_RGB", "LIP_NUM_CLASSES"]
+           "IMAGENET_STD_RGB", "LIP_NUM_CLASSES", "LIPPoseDataset", "pose_collate",
+           "read_pose_csv", "pose_affine_matrix", "pose_box_to_center_scale", "flip_matrix",
+           "affine_points"]

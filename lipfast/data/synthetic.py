@@ -1,7 +1,8 @@
-"""A small synthetic data set in the LIP (or CIHP) layout, for smoke tests and demos.
+"""A small synthetic data set in the LIP (or CIHP, or LIP pose) layout, for smoke
+tests and demos.
 
 ``python -m lipfast.data.synthetic OUT --images N [--size 96] [--seed 0] [--val M]
-[--progress auto|bar|lines|off] [--layout lip|cihp]`` writes (default layout
+[--progress auto|bar|lines|off] [--layout lip|cihp|lip-pose]`` writes (default layout
 ``lip``) ``OUT/{train,val}_images/<id>.jpg``,
 ``OUT/{train,val}_segmentations/<id>.png`` and ``OUT/{train,val}_id.txt`` (SPEC
 section 6): N training and M validation images (M defaults to max(2, N // 4)),
@@ -30,6 +31,18 @@ from left to right, ``Instance_ids`` is ``20 * (person - 1) + class`` on
 labelled pixels and 0 elsewhere. Classes follow CIHP: no jumpsuits (outfits
 cycle through the other three), class 10 is Torso-skin (a neck and a V of chest
 skin on every figure).
+
+``--layout lip-pose`` writes LIP's pose layout (SPEC section 10):
+``OUT/{train,val}_images/<ImageID>_<PersonID>.jpg`` (names ``10000_1.jpg``,
+``10001_2.jpg``, ...) and ``OUT/TrainVal_pose_annotations/lip_{train,val}_set.csv``,
+one row per image: the name, then 16 x ``(x, y, v)`` in MPII order with two
+decimals. The images are the LIP layout's figures (the same pixels as
+``--layout lip`` with the same seed and index); the joints are derived from the
+drawn figure (hips, knees, ankles along the legs, shoulders, elbows, wrists along
+the arms, pelvis, thorax, neck and head top on the midline; the person's left on
+the image's right), so a model can learn them. Each joint is missing
+(``nan,nan,nan``) with probability 0.12, at least 4 present per row; ``v`` is
+0 or 1 (random) on present joints. No segmentations or id lists are written.
 
 Deterministic: the same arguments write the same files (each image draws from a
 generator seeded by (seed, split, index)).
@@ -79,10 +92,12 @@ ACCESSORIES = ("hat", "sunglasses", "scarf", "gloves", "socks")
 
 
 def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str,
-                  accessories: set, torso_skin: bool = False):
+                  accessories: set, torso_skin: bool = False, keypoints: dict | None = None):
     """Draws the label map (mode 'L' PIL image) of one figure. ``torso_skin``:
     adds CIHP's class 10 (Torso-skin) as a neck and a V of chest skin (no random
-    draws: the figure is otherwise the same)."""
+    draws: the figure is otherwise the same). ``keypoints``: a dict that gets
+    the figure's 16 LIP joints (joint index -> (x, y), see :func:`_joints`); no
+    random draws either, so the drawing does not change."""
     from PIL import Image, ImageDraw
 
     lab = Image.new("L", (width, height), 0)
@@ -106,6 +121,7 @@ def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str
     for cls, sgn in ((16, 1), (17, -1)):
         d.line([(cx + sgn * leg_dx, hip_y), (cx + sgn * (leg_dx + spread), ankle_y)],
                fill=cls, width=lw(0.085))
+    hand_at = {}
     if "socks" in accessories:
         for sgn in (1, -1):
             x0 = cx + sgn * (leg_dx + spread * 0.9)
@@ -131,6 +147,7 @@ def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str
         sx = cx + sgn * bw * 0.5
         hx = sx + sgn * bw * rng.uniform(0.25, 0.7)
         d.line([(sx, sh_y + fh * 0.02), (hx, hand_y)], fill=cls, width=lw(0.06))
+        hand_at[sgn] = (sx, hx)
         if "gloves" in accessories:
             d.ellipse([hx - fh * 0.035, hand_y - fh * 0.035, hx + fh * 0.035, hand_y + fh * 0.035],
                       fill=3)
@@ -170,7 +187,43 @@ def _figure_label(rng: np.random.Generator, width: int, height: int, outfit: str
     if "hat" in accessories:
         d.polygon([(cx - hr * 1.3, hy - hr * 0.45), (cx + hr * 1.3, hy - hr * 0.45),
                    (cx + hr * 0.8, hy - hr * 1.5), (cx - hr * 0.8, hy - hr * 1.5)], fill=1)
+    if keypoints is not None:
+        keypoints.update(_joints(cx, y, fh, bw, leg_dx, spread, hip_y, ankle_y, sh_y, hand_y,
+                                 hand_at, hy, hr))
     return lab
+
+
+def _joints(cx, y, fh, bw, leg_dx, spread, hip_y, ankle_y, sh_y, hand_y, hand_at, hy, hr):
+    """The 16 LIP joints (MPII order, lipfast.pose.LIP_JOINTS) of a figure drawn by
+    :func:`_figure_label`, each a little inside the part it belongs to (so the
+    label map there is not background): hips at the top of the legs, knees half
+    way, ankles in the shoes; pelvis and thorax on the body's midline just inside
+    the torso; upper neck at the bottom of the face, head top at the top of the
+    hair; shoulders at the top of the arms, elbows half way, wrists near the
+    hands. The person's left (joints 3-5, 13-15) is on the image's right."""
+    pts = {}
+
+    def lerp(a, b, t):
+        return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
+
+    for sgn, (hip, knee, ankle) in ((-1, (2, 1, 0)), (1, (3, 4, 5))):
+        top = (cx + sgn * leg_dx, hip_y)
+        bottom = (cx + sgn * (leg_dx + spread), ankle_y)
+        pts[hip] = lerp(top, bottom, 0.06)
+        pts[knee] = lerp(top, bottom, 0.5)
+        pts[ankle] = bottom
+    pts[6] = (cx, hip_y - fh * 0.01)   # pelvis
+    pts[7] = (cx, sh_y + fh * 0.02)    # thorax
+    pts[8] = (cx, hy + hr * 0.9)       # upper neck
+    pts[9] = (cx, hy - hr * 0.9)       # head top
+    arm_y = sh_y + fh * 0.02
+    for sgn, (sho, elb, wri) in ((-1, (12, 11, 10)), (1, (13, 14, 15))):
+        sx, hx = hand_at[sgn]
+        start, hand = (sx, arm_y), (hx, hand_y)
+        pts[sho] = lerp(start, hand, 0.06)
+        pts[elb] = lerp(start, hand, 0.5)
+        pts[wri] = lerp(start, hand, 0.85)
+    return {k: (float(v[0]), float(v[1])) for k, v in pts.items()}
 
 
 def _render(rng: np.random.Generator, label: np.ndarray,
@@ -195,8 +248,11 @@ def _render(rng: np.random.Generator, label: np.ndarray,
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 96):
-    """(RGB uint8 H x W x 3 image, uint8 H x W label) of one synthetic sample."""
+def make_sample(seed: int, split: str, index: int, size: int = 96,
+                keypoints: dict | None = None):
+    """(RGB uint8 H x W x 3 image, uint8 H x W label) of one synthetic sample.
+    ``keypoints``: a dict that gets the figure's 16 joints (see :func:`_joints`);
+    the sample is the same with or without it."""
     split_key = sum(split.encode())  # stable across processes (unlike hash())
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_key, int(index)]))
     height = max(16, int(round(size * rng.uniform(0.85, 1.15))))
@@ -204,9 +260,48 @@ def make_sample(seed: int, split: str, index: int, size: int = 96):
     outfit = OUTFITS[index % len(OUTFITS)]
     forced = set(ACCESSORIES[:2]) if index % 2 == 0 else set(ACCESSORIES[2:])
     acc = {a for a in ACCESSORIES if a in forced or rng.random() < 0.5}
-    lab = np.asarray(_figure_label(rng, width, height, outfit, acc), dtype=np.uint8)
+    lab = np.asarray(_figure_label(rng, width, height, outfit, acc, keypoints=keypoints),
+                     dtype=np.uint8)
     img = _render(rng, lab.astype(np.int64))
     return img, lab
+
+
+POSE_MISSING_PROB = 0.12  # each joint of a --layout lip-pose row is nan with this probability
+POSE_MIN_PRESENT = 4
+
+
+def make_pose_sample(seed: int, split: str, index: int, size: int = 96):
+    """One synthetic LIP-pose sample: ``(RGB uint8 H x W x 3 image, uint8 H x W
+    label, joints float64 16 x 2 with nan where missing, v float64 16)``. The
+    image and label are :func:`make_sample`'s for the same arguments; the joints
+    are the drawn figure's (:func:`_joints`), each missing (nan, nan, nan) with
+    probability 0.12 but at least 4 present, from a separate random stream.
+    ``v`` (whose meaning LIP does not document) is 0 or, with probability 0.2, 1
+    on present joints, only to exercise it being read and kept."""
+    kp: dict = {}
+    img, lab = make_sample(seed, split, index, size, keypoints=kp)
+    joints = np.array([kp[j] for j in range(len(kp))], dtype=np.float64)
+    split_key = sum(split.encode())
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_key, int(index), 16]))
+    missing = rng.random(len(joints)) < POSE_MISSING_PROB
+    flags = (rng.random(len(joints)) < 0.2).astype(np.float64)
+    if (~missing).sum() < POSE_MIN_PRESENT:
+        missing[:] = False
+        missing[rng.permutation(len(joints))[:len(joints) - POSE_MIN_PRESENT]] = True
+    joints[missing] = np.nan
+    v = np.where(missing, np.nan, flags)
+    return img, lab, joints, v
+
+
+def pose_csv_row(name: str, joints: np.ndarray, v: np.ndarray) -> str:
+    """One LIP pose CSV line: ``name`` then ``x,y,v`` per joint (``nan`` when missing)."""
+    fields = [name]
+    for (x, y), f in zip(joints, v):
+        if np.isnan(x) or np.isnan(y):
+            fields += ["nan", "nan", "nan"]
+        else:
+            fields += [f"{x:.2f}", f"{y:.2f}", "nan" if np.isnan(f) else f"{int(f)}"]
+    return ",".join(fields)
 
 
 def make_cihp_sample(seed: int, split: str, index: int, size: int = 96):
@@ -259,7 +354,7 @@ def _write_text_atomic(path: str, text: str) -> None:
         f.write(text)
 
 
-LAYOUTS = ("lip", "cihp")
+LAYOUTS = ("lip", "cihp", "lip-pose")
 
 
 def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | None = None,
@@ -288,6 +383,8 @@ def make_synthetic(out, images: int, size: int = 96, seed: int = 0, val: int | N
     out = os.fspath(out)
     if layout == "cihp":
         return _write_cihp(out, images, size, seed, val, quiet, progress)
+    if layout == "lip-pose":
+        return _write_lip_pose(out, images, size, seed, val, quiet, progress)
     result = {}
     for split, n in (("train", images), ("val", val)):
         if n == 0:
@@ -353,6 +450,39 @@ def _write_cihp(out: str, images: int, size: int, seed: int, val: int, quiet: bo
     return result
 
 
+def _write_lip_pose(out: str, images: int, size: int, seed: int, val: int, quiet: bool,
+                    progress: str) -> dict:
+    from PIL import Image
+
+    from .._train_utils import Progress
+    from .pose import POSE_CSV_DIR
+
+    result = {}
+    csv_dir = os.path.join(out, POSE_CSV_DIR)
+    os.makedirs(csv_dir, exist_ok=True)
+    for split, n in (("train", images), ("val", val)):
+        if n == 0:
+            continue
+        img_dir = os.path.join(out, f"{split}_images")
+        os.makedirs(img_dir, exist_ok=True)
+        names, rows = [], []
+        prog = Progress(n, prefix=f"synthetic {split}", every=max(1, n // 4),
+                        mode="off" if quiet else progress)
+        for i in range(n):
+            name = f"{10000 + i}_{1 + i % 3}.jpg"  # ImageID_PersonID.jpg
+            img, _, joints, v = make_pose_sample(seed, split, i, size)
+            Image.fromarray(img, "RGB").save(os.path.join(img_dir, name), quality=95)
+            names.append(name)
+            rows.append(pose_csv_row(name, joints, v))
+            prog.update(i + 1)
+        prog.close()
+        _write_text_atomic(os.path.join(csv_dir, f"lip_{split}_set.csv"), "\n".join(rows) + "\n")
+        result[split] = names
+        if not quiet:
+            print(f"synthetic: wrote {n} {split} images to {out} (LIP pose layout)")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lipfast.data.synthetic",
                                 description="Write a small synthetic LIP- or CIHP-layout "
@@ -367,7 +497,9 @@ def main(argv=None) -> int:
                    help="auto: a tqdm bar on a terminal, plain lines otherwise")
     p.add_argument("--layout", choices=LAYOUTS, default="lip",
                    help="lip (default): one figure per image, LIP layout; cihp: 2-3 figures "
-                        "per image, CIHP layout (Training/, Validation/)")
+                        "per image, CIHP layout (Training/, Validation/); lip-pose: one "
+                        "figure per image with its 16 joints in LIP's pose layout "
+                        "(TrainVal_pose_annotations/lip_{train,val}_set.csv)")
     args = p.parse_args(argv)
     try:
         make_synthetic(args.out, args.images, args.size, args.seed, args.val, quiet=False,

@@ -20,6 +20,12 @@ nearest-neighbour warp truncates the fixed-point coordinate (a shift of up to
 one pixel against the bilinear image warp); lipfast rounds, so the label stays
 aligned with the image it was drawn on. OpenCV rounds the warped uint8 image to
 integers; lipfast keeps float32 (differences below 0.5 / 255).
+
+The pose crops (SPEC section 10, deep-high-resolution-net) use their own box and
+matrix: :func:`pose_box_to_center_scale` (scale in units of 200 px, 1.25
+enlargement) and :func:`pose_affine_matrix` (centre to ``(W/2, H/2)``, box width
+to ``W``, no ``- 1``); :func:`flip_matrix` and :func:`affine_points` carry the
+flip and the joints. The same :func:`warp_image` warps the image.
 """
 
 from __future__ import annotations
@@ -130,6 +136,84 @@ def warp_back(logits: torch.Tensor, matrix: torch.Tensor, size: Sequence[int]) -
     return warp_image(logits, inv, size)
 
 
+# --------------------------------------------------------------- pose (SPEC section 10)
+
+PIXEL_STD = 200.0  # the pose crops' scale unit (deep-high-resolution-net's pixel_std)
+
+
+def pose_box_to_center_scale(x: float, y: float, w: float, h: float, aspect_ratio: float,
+                             enlarge: float = 1.25, pixel_std: float = PIXEL_STD):
+    """deep-high-resolution-net's ``box_to_center_scale`` / ``_xywh2cs`` for a
+    box with top-left ``(x, y)``, width ``w`` and height ``h``: the centre
+    ``(x + w / 2, y + h / 2)``; the box widened or heightened to
+    ``aspect_ratio = W_in / H_in``; the scale ``(w, h) / pixel_std`` times
+    ``enlarge`` (the reference's 1.25; pass 1.0 for a box that is the whole
+    image). Returns ``(center (cx, cy), scale (s_w, s_h))`` as float tuples."""
+    ar = float(aspect_ratio)
+    if not ar > 0:
+        raise ValueError(f"pose_box_to_center_scale: aspect_ratio must be positive, got {ar}")
+    w, h = float(w), float(h)
+    if not (w >= 0 and h >= 0 and max(w, h) > 0):
+        raise ValueError(f"pose_box_to_center_scale: the box must have a positive size, "
+                         f"got w={w}, h={h}")
+    cx, cy = float(x) + w * 0.5, float(y) + h * 0.5
+    if w > ar * h:
+        h = w / ar
+    elif w < ar * h:
+        w = h * ar
+    f = float(enlarge) / float(pixel_std)
+    return (cx, cy), (w * f, h * f)
+
+
+def pose_affine_matrix(center, scale, rotation: float, image_size: Sequence[int],
+                       pixel_std: float = PIXEL_STD) -> torch.Tensor:
+    """3 x 3 float64 matrix of deep-high-resolution-net's ``get_affine_transform``
+    (no shift): source pixel -> input pixel coordinates for an input of
+    ``image_size = (W, H)`` (width first, as the reference)::
+
+        dst = k * R(r) @ (src - c) + (W / 2, H / 2),   k = W / (pixel_std * s_w)
+
+    with ``R(r)`` as in :func:`affine_matrix` (the image turns counter-clockwise
+    on screen for r > 0). Unlike SCHP's parsing crop (:func:`affine_matrix`) the
+    centre goes to ``W / 2`` and the box width to ``W`` pixels (no ``- 1``),
+    SPEC section 10. ``scale`` is in units of ``pixel_std`` pixels; only its
+    width ``s_w`` sets the zoom (the reference's rule)."""
+    wi, hi = int(image_size[0]), int(image_size[1])
+    s_w = float(scale[0]) * float(pixel_std)
+    if not s_w > 0 or not math.isfinite(s_w):
+        raise ValueError(f"pose_affine_matrix: scale must be positive, got {scale[0]}")
+    k = wi / s_w
+    rad = math.radians(float(rotation))
+    cs, sn = math.cos(rad), math.sin(rad)
+    cx, cy = float(center[0]), float(center[1])
+    a = torch.tensor([[k * cs, k * sn], [-k * sn, k * cs]], dtype=torch.float64)
+    m = torch.eye(3, dtype=torch.float64)
+    m[:2, :2] = a
+    m[:2, 2] = torch.tensor([wi * 0.5, hi * 0.5], dtype=torch.float64) - a @ torch.tensor(
+        [cx, cy], dtype=torch.float64)
+    return m
+
+
+def flip_matrix(width: int) -> torch.Tensor:
+    """3 x 3 float64 matrix of a horizontal flip of a ``width``-wide image,
+    ``x -> width - 1 - x`` (pixel centres at integers)."""
+    return torch.tensor([[-1.0, 0.0, float(width) - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                        dtype=torch.float64)
+
+
+def affine_points(points, matrix) -> torch.Tensor:
+    """Applies the 3 x 3 (or 2 x 3) affine ``matrix`` to ``points`` (... x 2,
+    (x, y) pixel coordinates); float64 result of the same leading shape. NaN
+    coordinates stay NaN (a missing joint stays missing)."""
+    p = torch.as_tensor(points, dtype=torch.float64)
+    m = torch.as_tensor(matrix, dtype=torch.float64)
+    if p.shape[-1:] != (2,):
+        raise ValueError(f"affine_points: points must be ... x 2, got {tuple(p.shape)}")
+    if m.shape not in ((3, 3), (2, 3)):
+        raise ValueError(f"affine_points: matrix must be 3 x 3 or 2 x 3, got {tuple(m.shape)}")
+    return p @ m[:2, :2].T + m[:2, 2]
+
+
 def lip_palette(num_classes: int = 256) -> list[int]:
     """The LIP / Pascal-VOC colour palette (SCHP's ``get_palette``), as a flat
     list of 3 * 256 ints for ``PIL.Image.putpalette``; class 0 is black."""
@@ -149,4 +233,5 @@ def lip_palette(num_classes: int = 256) -> list[int]:
 
 
 __all__ = ["box_to_center_scale", "affine_matrix", "warp_image", "warp_label", "warp_back",
-           "lip_palette", "IGNORE"]
+           "lip_palette", "IGNORE", "PIXEL_STD", "pose_box_to_center_scale",
+           "pose_affine_matrix", "flip_matrix", "affine_points"]
