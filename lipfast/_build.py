@@ -37,10 +37,11 @@ def csrc_dir() -> Path:
 
 def sources(root: Path, with_cuda: bool) -> list[str]:
     """Every translation unit: csrc/lipfast.cpp, csrc/ops/*.cpp, csrc/ops/cpu/*.cpp,
-    and with CUDA csrc/ops/cuda/*.cu and *_cuda.cpp."""
+    csrc/ops/autograd/*.cpp, and with CUDA csrc/ops/cuda/*.cu and *_cuda.cpp."""
     files = [root / "lipfast.cpp"]
     files += sorted((root / "ops").glob("*.cpp"))
     files += sorted((root / "ops" / "cpu").glob("*.cpp"))
+    files += sorted((root / "ops" / "autograd").glob("*.cpp"))
     if with_cuda:
         files += sorted((root / "ops" / "cuda").glob("*.cu"))
         files += sorted((root / "ops" / "cuda").glob("*.cpp"))

@@ -21,10 +21,12 @@ saves for its own backward, so the fusion removes one activation-sized tensor
 per norm -> ReLU -> conv (see :mod:`lipfast.models.ce2p`). After a norm that
 saves its *input* (``nn.BatchNorm2d``) it saves nothing.
 
-Registration: ``torch.library.custom_op("lipfast::relu_conv2d")`` with a fake
-kernel (``torch.compile`` traces it as one opaque op) and
-``register_autograd``; the body is composite (the same code on CPU and CUDA).
-The backward is written with differentiable ATen ops, so double backward works.
+Registration: a C++ schema (``csrc/ops/relu_conv.cpp``) with a
+CompositeExplicitAutograd forward (the same ATen calls on CPU and CUDA) and a C++
+autograd kernel (``csrc/ops/autograd/relu_conv_autograd.cpp``), so a training
+step pays no Python per call; the fake kernel is registered here
+(``torch.compile`` traces the op as one opaque op). The backward is written with
+differentiable ATen ops, so double backward works.
 
 Autocast: :func:`relu_conv2d` casts ``y``, ``weight`` and ``bias`` to the autocast
 dtype of ``y``'s device when autocast is on (float32 tensors and lower; float64
@@ -43,6 +45,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .. import _ext
 
 __all__ = ["relu_conv2d"]
 
@@ -99,56 +103,26 @@ def _check(y, weight, bias, groups) -> None:
 
 
 def _compute(y, weight, bias, stride, padding, dilation, groups):
-    # Autocast off: the op computes in the dtypes it is given (its fake kernel says
-    # so); :func:`relu_conv2d` does the autocast casting before calling it.
+    # Autocast off: the op computes in the dtypes it is given (as its C++ kernel
+    # does); :func:`relu_conv2d` does the autocast casting before calling it.
     with torch.autocast(y.device.type, enabled=False):
         return F.conv2d(torch.relu(y), weight, bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("lipfast::relu_conv2d", mutates_args=())
-def _relu_conv2d_op(
-    y: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
-    return _compute(y, weight, bias, stride, padding, dilation, groups)
+# The op's schema and kernels are C++: csrc/ops/relu_conv.cpp (schema and the
+# CompositeExplicitAutograd forward) and csrc/ops/autograd/relu_conv_autograd.cpp
+# (the autograd kernel: no Python runs per call in training). Registered here:
+# the fake kernel.
+_ext.load()
 
 
-@_relu_conv2d_op.register_fake
+@torch.library.register_fake("lipfast::relu_conv2d")
 def _relu_conv2d_fake(y, weight, bias, stride, padding, dilation, groups):
     # The same ATen calls on fake tensors: shapes and strides (memory format) as eager.
     return _compute(y, weight, bias, stride, padding, dilation, groups)
 
 
-def _setup_context(ctx, inputs, output):
-    y, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(y, weight)   # y is the caller's tensor: nothing new is kept
-    ctx.bias_shape = None if bias is None else list(bias.shape)
-    ctx.conv = (list(stride), list(padding), list(dilation), groups)
-
-
-def _backward(ctx, grad_out):
-    y, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.bias_shape is not None and ctx.needs_input_grad[2]
-    if not (need_y or need_w or need_b):
-        return None, None, None, None, None, None, None
-    # The convolution's input: recomputed (elementwise) instead of saved. The input
-    # gradient reads only its shape (and memory format), so y stands in for it then.
-    r = torch.relu(y) if need_w else y
-    grad_r, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out, r, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
-        groups, [need_y, need_w, need_b])
-    grad_y = torch.ops.aten.threshold_backward(grad_r, y, 0) if need_y else None
-    return grad_y, grad_w, grad_b, None, None, None, None
-
-
-_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_relu_conv2d_op = torch.ops.lipfast.relu_conv2d.default
 
 
 def relu_conv2d(
