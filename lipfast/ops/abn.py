@@ -10,6 +10,12 @@ CUDA: ``csrc/ops/cuda/abn_kernel.cu`` + ``abn_cuda.cpp``):
   -> (sum_dz, sum_xhat_dz)``
 - ``torch.ops.lipfast.abn_backward_elemt(y, dy, var, weight, bias, mean_dz, mean_xhat_dz,
   eps, activation, param) -> dx``
+- fused, for the unsynchronised layer (compositions of the four above, in C++:
+  one call per layer and direction, no Python between the kernels):
+  ``abn_train_forward_(x, weight, bias, running_mean, running_var, momentum, eps,
+  activation, param) -> var`` (statistics, running-statistics update, forward into
+  ``x``) and ``abn_backward(y, dy, var, weight, bias, count, eps, activation, param,
+  training) -> (dx, dweight, dbias)``
 
 This file registers their fake (meta) kernels and composes them, with the
 process-group collectives of the synchronised variant, in an
@@ -63,6 +69,21 @@ def _abn_backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_p
     c = y.shape[1]
     dt = _stats_dtype(y)
     return y.new_empty((c,), dtype=dt), y.new_empty((c,), dtype=dt)
+
+
+@torch.library.register_fake("lipfast::abn_train_forward_")
+def _abn_train_forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                            activation_param):
+    return x.new_empty((x.shape[1],), dtype=_stats_dtype(x))
+
+
+@torch.library.register_fake("lipfast::abn_backward")
+def _abn_backward_fake(y, dy, var, weight, bias, count, eps, activation, activation_param,
+                       training):
+    c = y.shape[1]
+    dt = _stats_dtype(y)
+    return (torch.empty_like(y, memory_format=torch.contiguous_format),
+            y.new_empty((c,), dtype=dt), y.new_empty((c,), dtype=dt))
 
 
 @torch.library.register_fake("lipfast::abn_backward_elemt")
@@ -225,18 +246,20 @@ def _normalize_in_place(x, weight, bias, running_mean, running_var, training, mo
     update, then ``abn_forward_`` into ``x``. Returns (var used, count used)."""
     channels = x.shape[1]
     local_count = x.numel() // channels if channels else 0
-    if training:
+    if training and not sync:
+        # one fused op: statistics, running-statistics update, forward (csrc/ops/abn.cpp)
+        if local_count < 2:
+            raise _too_few_values(x.shape)
+        var = _ops.abn_train_forward_(x, weight, bias, running_mean, running_var, momentum, eps,
+                                      activation, activation_param)
+        return var, local_count
+    if training:   # synchronised: the kernels with the collective in between
         mean, var = _ops.abn_stats(x)
-        if sync:
-            mean, var, count = _merge_stats(mean, var, local_count, group)
-            # A rank with >= 2 local values proves the global count is >= 2;
-            # only ranks without read the merged count (a host sync, rare).
-            if local_count < 2 and float(count) < 2:
-                raise _too_few_values(None)
-        else:
-            if local_count < 2:
-                raise _too_few_values(x.shape)
-            count = local_count
+        mean, var, count = _merge_stats(mean, var, local_count, group)
+        # A rank with >= 2 local values proves the global count is >= 2;
+        # only ranks without read the merged count (a host sync, rare).
+        if local_count < 2 and float(count) < 2:
+            raise _too_few_values(None)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
                 unbiased = var * (count / (count - 1))
@@ -290,19 +313,22 @@ class InPlaceABNFunction(torch.autograd.Function):
                 raise RuntimeError(_IN_PLACE_HINT) from err
             raise
         act, prm, eps = ctx.activation, ctx.activation_param, ctx.eps
+        if not ctx.sync:   # one fused op (csrc/ops/abn.cpp)
+            dx, dweight, dbias = _ops.abn_backward(y, dy, var, weight, bias, float(ctx.count), eps,
+                                                   act, prm, ctx.training)
+            needs = ctx.needs_input_grad
+            return (dx if needs[0] else None,
+                    dweight.to(weight.dtype) if weight is not None and needs[1] else None,
+                    dbias.to(bias.dtype) if bias is not None and needs[2] else None,
+                    None, None, None, None, None, None, None, None, None)
+        # synchronised (training only): the kernels with the all_reduce in between
         y = y.contiguous()
         dy = dy.contiguous()
         sum_dz, sum_xhat_dz = _ops.abn_backward_reduce(y, dy, weight, bias, eps, act, prm)
-        if ctx.training:
-            if ctx.sync:
-                both = torch.cat([sum_dz, sum_xhat_dz])
-                dist.all_reduce(both, group=ctx.group)
-                g_dz, g_xdz = both.split(sum_dz.shape[0])
-            else:
-                g_dz, g_xdz = sum_dz, sum_xhat_dz
-            mean_dz, mean_xhat_dz = g_dz / ctx.count, g_xdz / ctx.count
-        else:
-            mean_dz = mean_xhat_dz = torch.zeros_like(sum_dz)
+        both = torch.cat([sum_dz, sum_xhat_dz])
+        dist.all_reduce(both, group=ctx.group)
+        g_dz, g_xdz = both.split(sum_dz.shape[0])
+        mean_dz, mean_xhat_dz = g_dz / ctx.count, g_xdz / ctx.count
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _ops.abn_backward_elemt(
