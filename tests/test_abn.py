@@ -373,6 +373,55 @@ def test_opcheck(dtype):
                               (yy, gg, var, w, b, s1 / 105, s2 / 105, 1e-5, "leaky_relu", 0.01))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_ops_match_the_kernels_they_compose(dtype):
+    # abn_train_forward_ = abn_stats + running-stat update + abn_forward_;
+    # abn_backward = abn_backward_reduce + means + abn_backward_elemt + the
+    # parameter gradients; the same values as the unfused calls, and opcheck.
+    x, nc, w, b, gy, mean, var, y = _op_samples(dtype)
+    ops = torch.ops.lipfast
+    count = x.numel() // x.shape[1]
+    for t in (x, nc):
+        rm, rv = torch.randn(4, dtype=dtype), torch.rand(4, dtype=dtype) + 0.5
+        rm0, rv0 = rm.clone(), rv.clone()
+        got = t.clone()
+        v = ops.abn_train_forward_(got, w, b, rm, rv, 0.3, 1e-5, "leaky_relu", 0.01)
+        m_ref, v_ref = ops.abn_stats(t)
+        exp = t.clone()
+        ops.abn_forward_(exp, m_ref, v_ref, w, b, 1e-5, "leaky_relu", 0.01)
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+        torch.testing.assert_close(rm, 0.7 * rm0 + 0.3 * m_ref)
+        torch.testing.assert_close(rv, 0.7 * rv0 + 0.3 * v_ref * count / (count - 1))
+        torch.library.opcheck(ops.abn_train_forward_.default,
+                              (t.clone(), w, b, rm.clone(), rv.clone(), 0.1, 1e-5, "leaky_relu",
+                               0.01))
+        # no running statistics: nothing to update
+        got2 = t.clone()
+        ops.abn_train_forward_(got2, None, None, None, None, 0.1, 1e-5, "identity", 0.0)
+        exp2 = t.clone()
+        ops.abn_forward_(exp2, m_ref, v_ref, None, None, 1e-5, "identity", 0.0)
+        torch.testing.assert_close(got2, exp2, rtol=0, atol=0)
+    for training in (True, False):
+        for yy, gg in ((y, gy), (y.transpose(2, 3), gy.transpose(2, 3))):
+            dx, dw, db = ops.abn_backward(yy, gg, var, w, b, float(count), 1e-5, "leaky_relu",
+                                          0.01, training)
+            s1, s2 = ops.abn_backward_reduce(yy, gg, w, b, 1e-5, "leaky_relu", 0.01)
+            m1, m2 = (s1 / count, s2 / count) if training else (s1 * 0, s2 * 0)
+            dx_ref = ops.abn_backward_elemt(yy, gg, var, w, b, m1, m2, 1e-5, "leaky_relu", 0.01)
+            torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
+            torch.testing.assert_close(dw, s2 * torch.sign(w), rtol=0, atol=0)
+            torch.testing.assert_close(db, s1, rtol=0, atol=0)
+            torch.library.opcheck(ops.abn_backward.default,
+                                  (yy, gg, var, w, b, float(count), 1e-5, "leaky_relu", 0.01,
+                                   training))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.abn_train_forward_(torch.randn(1, 3, 1), None, None, None, None, 0.1, 1e-5,
+                               "identity", 0.0)
+    with pytest.raises(ValueError, match="positive count"):
+        ops.abn_backward(y, gy, var, w, b, 0.0, 1e-5, "leaky_relu", 0.01, True)
+
+
 def test_op_level_errors():
     ops = torch.ops.lipfast
     x = torch.randn(2, 3, 4)
