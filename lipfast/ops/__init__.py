@@ -20,13 +20,16 @@ Triton); the fake kernels; the autograd formula; the checks the op itself needs.
 - :mod:`.confusion_matrix`: ``confusion_matrix``, ``confusion_matrix_accumulate``
   (user API: :mod:`lipfast.metrics.confusion`);
 - :mod:`.parse_postprocess`: ``parse_postprocess`` (SCHP's upsample + affine warp
-  + argmax/softmax post-processing, fused) and the functional ``parse_postprocess``.
+  + argmax/softmax post-processing, fused) and the functional ``parse_postprocess``;
+- :mod:`.heatmap_loss`: ``heatmap_loss``, ``heatmap_loss_backward``,
+  ``heatmap_loss_targets`` (user API: :mod:`lipfast.pose.heatmap`).
 
 Importing this package registers all of them. ``pyramid_regions`` (OCNet's
 pyramid region table) lives in :mod:`lipfast.kernels._regions`, re-exported here.
 """
 
-from . import confusion_matrix, edge, lovasz, upsample_ce  # noqa: F401  (register the ops)
+from . import (confusion_matrix, edge, heatmap_loss, lovasz,  # noqa: F401  (register the ops)
+               upsample_ce)
 from .abn import inplace_abn, inplace_abn_sync
 from .oc_attention import oc_attention, pyramid_regions
 from .parse_postprocess import parse_postprocess
