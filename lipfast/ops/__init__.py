@@ -22,14 +22,17 @@ Triton); the fake kernels; the autograd formula; the checks the op itself needs.
 - :mod:`.parse_postprocess`: ``parse_postprocess`` (SCHP's upsample + affine warp
   + argmax/softmax post-processing, fused) and the functional ``parse_postprocess``;
 - :mod:`.heatmap_loss`: ``heatmap_loss``, ``heatmap_loss_backward``,
-  ``heatmap_loss_targets`` (user API: :mod:`lipfast.pose.heatmap`).
+  ``heatmap_loss_targets`` (user API: :mod:`lipfast.pose.heatmap`);
+- :mod:`.pose_decode`: ``pose_decode`` (heatmap argmax, quarter-pixel refinement,
+  transform back to the image, the flip test fused in; user API:
+  :mod:`lipfast.pose.decode`).
 
 Importing this package registers all of them. ``pyramid_regions`` (OCNet's
 pyramid region table) lives in :mod:`lipfast.kernels._regions`, re-exported here.
 """
 
 from . import (confusion_matrix, edge, heatmap_loss, lovasz,  # noqa: F401  (register the ops)
-               upsample_ce)
+               pose_decode, upsample_ce)
 from .abn import inplace_abn, inplace_abn_sync
 from .oc_attention import oc_attention, pyramid_regions
 from .parse_postprocess import parse_postprocess
