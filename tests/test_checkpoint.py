@@ -274,3 +274,77 @@ def test_train_init_from_schp_release_and_resume_needs_train_checkpoint(tiny_fil
         main(args + ["--out", str(tmp_path / "c"), "--resume", str(files["schp"])])
     with pytest.raises(IsADirectoryError, match="is a folder"):
         main(args + ["--out", str(tmp_path / "d"), "--resume", str(tmp_path)])
+
+
+# ----------------------------------------------------------- the pose HRNet (issue 15)
+
+def _pose_state(num_joints=16, width=32):
+    from lipfast.models import PoseHRNet
+
+    with torch.device("meta"):
+        m = PoseHRNet(num_joints, width)
+    return {k: v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_pose_hrnet_config_inferred_from_keys():
+    """deep-high-resolution-net.pytorch's bare state dicts: final_layer.weight gives J,
+    transition1.0.0.weight the width, stage 4's last module fuses into branch 0 only."""
+    from lipfast.models import HRNetV2
+    from lipfast.models.checkpoint import Checkpoint
+
+    sd = _pose_state()
+    assert infer_config(sd) == {"model": "pose_hrnet_w32", "num_joints": 16}
+    assert infer_config(_pose_state(17, 48)) == {"model": "pose_hrnet_w48", "num_joints": 17}
+    ck = Checkpoint("pose.pth", "state_dict", sd)
+    assert checkpoint_config(ck, task="pose") == {"model": "pose_hrnet_w32", "num_joints": 16,
+                                                  "norm": "batchnorm"}
+    assert checkpoint_config(ck, task="pose", num_joints=16, model="pose_hrnet_w32",
+                             norm="inplace_abn")["norm"] == "inplace_abn"
+    # the parsing tools (task "parsing", the default) refuse it, saying what it is
+    with pytest.raises(CheckpointMismatchError, match="pose.pth.*pose model.*pose_hrnet_w32.*16"):
+        checkpoint_config(ck)
+    with pytest.raises(CheckpointMismatchError, match="pose model"):
+        model_from_checkpoint(ck)
+    with pytest.raises(CheckpointMismatchError,
+                       match="--num-joints 17 does not match.*final_layer.weight has 16 joints"):
+        checkpoint_config(ck, task="pose", num_joints=17)
+    with pytest.raises(CheckpointMismatchError, match="--num-classes does not apply.*parsing"):
+        checkpoint_config(ck, task="pose", num_classes=16)
+    with pytest.raises(CheckpointMismatchError, match="--model pose_hrnet_w48 does not match"):
+        checkpoint_config(ck, task="pose", model="pose_hrnet_w48")
+    with pytest.raises(ValueError, match="task must be one of"):
+        checkpoint_config(ck, task="detection")
+    # a parsing checkpoint asked for as a pose model, and a pose flag on it
+    with torch.device("meta"):
+        seg = HRNetV2(6, 32, norm="batchnorm")
+    seg_ck = Checkpoint("seg.pth", "state_dict", dict(seg.state_dict()))
+    with pytest.raises(CheckpointMismatchError, match="seg.pth.*parsing model.*hrnetv2_w32"):
+        checkpoint_config(seg_ck, task="pose")
+    with pytest.raises(CheckpointMismatchError, match="--num-joints does not apply.*pose model"):
+        checkpoint_config(seg_ck, num_joints=16)
+
+
+def test_pose_hrnet_key_errors_name_the_problem():
+    sd = _pose_state()
+    multi = dict(sd)
+    multi["stage4.2.fuse_layers.1.0.0.weight"] = torch.zeros(64, 32, 1, 1)
+    with pytest.raises(ValueError, match=r"x.pth.*stage4\.2 fuses into branches \[0, 1\].*"
+                                         "branch 0 only"):
+        infer_config(multi, "x.pth")
+    head = dict(sd)
+    head["final_layer.weight"] = torch.zeros(16, 48, 1, 1)
+    with pytest.raises(ValueError, match=r"final_layer.weight has shape \(16, 48, 1, 1\).*"
+                                         "joints x 32 x 1 x 1"):
+        infer_config(head, "x.pth")
+    # width 18 exists for HRNetV2, not for the pose configs
+    w18 = dict(sd)
+    w18["transition1.0.0.weight"] = torch.zeros(18, 256, 3, 3)
+    w18["final_layer.weight"] = torch.zeros(16, 18, 1, 1)
+    with pytest.raises(ValueError, match="pose HRNet of width 18.*32, 48"):
+        infer_config(w18, "x.pth")
+    # their ImageNet file is not a model to build
+    imagenet = {k: v for k, v in sd.items() if not k.startswith("final_layer")}
+    imagenet["final_layer.0.weight"] = torch.zeros(2048, 1024, 1, 1)
+    imagenet["classifier.weight"] = torch.zeros(1000, 2048)
+    with pytest.raises(ValueError, match="ImageNet classification HRNet.*load_imagenet"):
+        infer_config(imagenet, "x.pth")

@@ -204,3 +204,47 @@ def test_imagenet_init_of_hrnet_with_ce2p_head(tmp_path):
         del state["conv1.weight"]
         torch.save(state, tmp_path / "bad.pth")
         load_imagenet(dst, tmp_path / "bad.pth")
+
+
+def test_pose_names_build_pose_models_kept_apart_from_parsing():
+    from lipfast.models import POSE_MODEL_NAMES, PoseHRNet, is_pose_model
+    from lipfast.models.registry import describe_hparams, required_hparams
+
+    assert POSE_MODEL_NAMES == ("pose_hrnet_w32", "pose_hrnet_w48")
+    assert not set(POSE_MODEL_NAMES) & set(MODEL_NAMES)     # not a parsing tool's --model
+    m = _meta("pose_hrnet_w48", num_joints=17)
+    assert isinstance(m, PoseHRNet) and (m.width, m.num_joints, m.norm) == (48, 17, "batchnorm")
+    assert model_name(m) == "pose_hrnet_w48"
+    assert is_pose_model(m) and is_pose_model("pose_hrnet_w32")
+    assert is_pose_model({"model": "pose_hrnet_w32"})
+    assert not is_pose_model(_meta("hrnetv2_w18")) and not is_pose_model("ce2p")
+    assert not is_pose_model({"num_classes": 3})
+    hp = model_hparams(m)
+    assert hp == {"model": "pose_hrnet_w48", "num_joints": 17, "norm": "batchnorm"}
+    assert required_hparams("pose_hrnet_w32") == ("num_joints", "norm")
+    again = _meta_from(hp, norm="inplace_abn")
+    assert isinstance(again, PoseHRNet) and again.norm == "inplace_abn"
+    assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert describe_hparams(hp) == "PoseHRNet-W48, 17 joints, norm batchnorm"
+    assert input_format("pose_hrnet_w32") == ("RGB", HRNET_MEAN, HRNET_STD)
+    assert input_format(m) == ("RGB", HRNET_MEAN, HRNET_STD)
+    with pytest.raises(TypeError, match="pose model.*no argument num_classes.*num_joints"):
+        build("pose_hrnet_w32", num_classes=20)
+    with pytest.raises(TypeError, match="pose_hrnet_w32.*no argument head.*num_joints"):
+        build("pose_hrnet_w32", head="seg")
+    with pytest.raises(ValueError, match="width=48 contradicts"):
+        build("pose_hrnet_w32", width=48)
+    with pytest.raises(ValueError, match="unknown model 'pose_hrnet_w18'.*pose_hrnet_w48"):
+        build("pose_hrnet_w18")
+    with pytest.raises(ValueError, match=r"pose_hrnet_w32 model lack \['num_joints'"):
+        build_from_hparams({"model": "pose_hrnet_w32", "norm": "batchnorm"})
+    # the parsing-only helpers refuse a pose model (its output is heatmaps)
+    t = torch.randn(1, 17, 4, 4)
+    with pytest.raises(TypeError, match="logits_align_corners takes a parsing model.*17 joint"):
+        logits_align_corners(m)
+    with pytest.raises(TypeError, match="full_size_logits takes a parsing model"):
+        full_size_logits(m, t, (8, 8))
+    with pytest.raises(TypeError, match="parsing_logits takes a parsing model"):
+        parsing_logits(t, model=m)
+    assert parsing_logits(t, model=_meta("hrnetv2_w18")) is t

@@ -1,5 +1,6 @@
-"""Reading local checkpoints, and building the model (:class:`lipfast.models.CE2P`
-or :class:`lipfast.models.HRNetV2`) from one.
+"""Reading local checkpoints, and building the model (:class:`lipfast.models.CE2P`,
+:class:`lipfast.models.HRNetV2` or the pose model :class:`lipfast.models.PoseHRNet`)
+from one.
 
 Nothing is ever downloaded: every function takes a local path. There is one
 reader, :func:`read_checkpoint`, under :func:`load_checkpoint`,
@@ -36,12 +37,25 @@ HRNet-Semantic-Segmentation's or lipfast's ``HRNetV2``): the width from
 ``transition1.0.0.weight`` (w x 256 x 3 x 3), the head from the classifier
 (``last_layer.3.weight``: ``"seg"``; ``fushion.3.weight``: ``"ce2p"``), an OC
 context from the same ``context_encoding.2.*`` keys, ``align_corners`` False
-(upstream's LIP setting). ``output_stride`` and ``norm`` leave no
+(upstream's LIP setting). Pose HRNet checkpoints (deep-high-resolution-net.pytorch's
+released bare state dicts, or lipfast's ``PoseHRNet``): an HRNet with the pose
+head ``final_layer.weight`` (J x w x 1 x 1: the number of joints J) whose stage-4
+last module fuses into branch 0 only (``stage4.<last>.fuse_layers.0.*`` alone);
+the width from ``transition1.0.0.weight``; model ``pose_hrnet_w<w>``, norm
+``batchnorm`` (upstream's, which their weights were trained with). ImageNet
+classification HRNets (``classifier.weight``, no head) are refused with a pointer
+to :func:`load_imagenet`. ``output_stride`` and ``norm`` leave no
 trace in the keys: they come from the arguments (default 16, SCHP's; norm
 ``inplace_abn``, whose keys and numerics are those of SCHP's
 ``InPlaceABNSync`` in one process). An argument that contradicts the keys (or
 the stored hyper-parameters) is a :class:`CheckpointMismatchError` naming the
 command-line flag and both values.
+
+Pose and parsing models are kept apart: :func:`checkpoint_config` and
+:func:`model_from_checkpoint` take ``task="parsing"`` (default: what
+``lipfast.evaluate``, ``lipfast.parse``, ``lipfast.export`` and
+``lipfast.train --init`` use) or ``task="pose"``; a checkpoint of the other kind
+is a :class:`CheckpointMismatchError` saying what it holds.
 
 Errors are Python exceptions naming the file and the offending keys:
 ``FileNotFoundError`` for a missing file, ``IsADirectoryError`` for a folder,
@@ -72,7 +86,7 @@ __all__ = ["Checkpoint", "CheckpointMismatchError", "LoadReport", "checkpoint_co
 _COUNTER = "num_batches_tracked"
 _FLAGS = {"num_classes": "--num-classes", "context": "--context", "layers": "--layers",
           "width_mult": "--width-mult", "output_stride": "--output-stride", "norm": "--norm",
-          "model": "--model", "head": "--head"}
+          "model": "--model", "head": "--head", "num_joints": "--num-joints"}
 KIND_NAMES = {"lipfast.train": "lipfast.train checkpoint", "schp": "SCHP release layout",
               "wrapped": "state_dict under 'model'", "state_dict": "plain state_dict"}
 
@@ -243,15 +257,17 @@ def _context_of(keys) -> str | None:
 
 def infer_config(state_dict: dict, path: str = "checkpoint") -> dict:
     """The model a state_dict belongs to, read from its keys (see the module
-    docstring): ``model`` (a :data:`lipfast.models.MODEL_NAMES` entry) with,
-    for CE2P, ``num_classes``, ``context``, ``layers`` and ``width_mult``, for
-    HRNetV2, ``num_classes``, ``head`` and ``context``. ``ValueError`` naming
-    what is missing for a state_dict of another network."""
+    docstring): ``model`` (a :data:`lipfast.models.MODEL_NAMES` or
+    :data:`~lipfast.models.POSE_MODEL_NAMES` entry) with, for CE2P,
+    ``num_classes``, ``context``, ``layers`` and ``width_mult``, for HRNetV2,
+    ``num_classes``, ``head`` and ``context``, for PoseHRNet ``num_joints``.
+    ``ValueError`` naming what is missing for a state_dict of another network."""
     keys = set(state_dict)
     if _HRNET_WIDTH_KEY in keys or any(k.startswith("stage4.") for k in keys):
         return _infer_hrnet(state_dict, path)
     if _CLASSIFIER not in keys or state_dict[_CLASSIFIER].dim() != 4:
-        raise ValueError(f"{path}: not a CE2P/SCHP or HRNetV2 state_dict: no classifier "
+        raise ValueError(f"{path}: not a CE2P/SCHP, HRNetV2 or pose HRNet state_dict: no "
+                         f"classifier "
                          f"{_CLASSIFIER} (classes x C x 1 x 1) among its {len(keys)} keys "
                          f"({_short(sorted(keys), 5)})")
     num_classes = int(state_dict[_CLASSIFIER].shape[0])
@@ -290,6 +306,36 @@ def infer_config(state_dict: dict, path: str = "checkpoint") -> dict:
 
 
 _HRNET_WIDTH_KEY = "transition1.0.0.weight"   # width x 256 x 3 x 3
+_POSE_HEAD = "final_layer.weight"              # joints x width x 1 x 1
+_STAGE4_FUSE = re.compile(r"^stage4\.(\d+)\.fuse_layers\.(\d+)\.")
+_STAGE4_MODULE = re.compile(r"^stage4\.(\d+)\.")
+
+
+def _infer_pose(state_dict: dict, path: str, width: int) -> dict:
+    from .pose_hrnet import POSE_HRNET_WIDTHS
+
+    head = state_dict[_POSE_HEAD]
+    if head.dim() != 4 or tuple(head.shape[1:]) != (width, 1, 1):
+        raise ValueError(f"{path}: pose head {_POSE_HEAD} has shape {tuple(head.shape)}; a pose "
+                         f"HRNet of width {width} ({_HRNET_WIDTH_KEY} "
+                         f"{tuple(state_dict[_HRNET_WIDTH_KEY].shape)}) has joints x {width} "
+                         "x 1 x 1")
+    if width not in POSE_HRNET_WIDTHS:
+        raise ValueError(f"{path}: pose HRNet of width {width} ({_HRNET_WIDTH_KEY} "
+                         f"{tuple(state_dict[_HRNET_WIDTH_KEY].shape)}); lipfast builds "
+                         f"widths {', '.join(map(str, POSE_HRNET_WIDTHS))}")
+    modules = {int(m.group(1)) for m in map(_STAGE4_MODULE.match, state_dict) if m}
+    if not modules:
+        raise ValueError(f"{path}: a pose head {_POSE_HEAD} but no stage4.* keys: not a pose "
+                         "HRNet state_dict")
+    last = max(modules)
+    rows = sorted({int(m.group(2)) for m in map(_STAGE4_FUSE.match, state_dict)
+                   if m and int(m.group(1)) == last})
+    if rows != [0]:
+        raise ValueError(f"{path}: a pose head {_POSE_HEAD}, but stage 4's last module "
+                         f"stage4.{last} fuses into branches {rows}; the pose HRNet's last "
+                         f"module outputs branch 0 only (stage4.{last}.fuse_layers.0.* alone)")
+    return {"model": f"pose_hrnet_w{width}", "num_joints": int(head.shape[0])}
 
 
 def _infer_hrnet(state_dict: dict, path: str) -> dict:
@@ -300,6 +346,14 @@ def _infer_hrnet(state_dict: dict, path: str) -> dict:
         raise ValueError(f"{path}: an HRNet state_dict without {_HRNET_WIDTH_KEY} "
                          "(the first branch's transition): cannot tell its width")
     width = int(state_dict[_HRNET_WIDTH_KEY].shape[0])
+    if _POSE_HEAD in keys:
+        return _infer_pose(state_dict, path, width)
+    if ("classifier.weight" in keys and "last_layer.3.weight" not in keys
+            and _CLASSIFIER not in keys):
+        raise ValueError(f"{path}: an ImageNet classification HRNet (classifier.weight "
+                         f"{tuple(state_dict['classifier.weight'].shape)}, no segmentation or "
+                         "pose head): it initialises a backbone through "
+                         "lipfast.models.load_imagenet; it is not a model to build")
     if width not in HRNET_WIDTHS:
         raise ValueError(f"{path}: HRNet of width {width} ({_HRNET_WIDTH_KEY} "
                          f"{tuple(state_dict[_HRNET_WIDTH_KEY].shape)}); lipfast builds "
@@ -338,6 +392,10 @@ def _mismatch_reason(name: str, have, sd: dict) -> str:
         return f"its keys are those of a {have} context"
     if name == "head":
         return f"its keys are those of the {have!r} head"
+    if name == "num_joints":
+        if _POSE_HEAD in sd:
+            return f"its {_POSE_HEAD} has {have} joints (shape {tuple(sd[_POSE_HEAD].shape)})"
+        return f"it has {have} joints"
     if name == "layers":
         return f"it has {', '.join(map(str, have))} Bottlenecks in layer1..4"
     if name == "width_mult":
@@ -348,11 +406,46 @@ def _mismatch_reason(name: str, have, sd: dict) -> str:
 #: flags that only CE2P / only HRNetV2 has
 _CE2P_ONLY = ("layers", "width_mult", "output_stride")
 _HRNET_ONLY = ("head",)
+#: flags of the parsing models only / of the pose models only
+_PARSING_ONLY = ("num_classes", "context", "head") + _CE2P_ONLY
+_POSE_ONLY = ("num_joints",)
+TASKS = ("parsing", "pose")
+
+
+def _option_of(name: str) -> str:
+    if name in _POSE_ONLY:
+        return "pose model (PoseHRNet)"
+    if name in _HRNET_ONLY:
+        return "HRNetV2"
+    if name in _CE2P_ONLY:
+        return "CE2P"
+    return "parsing model"
+
+
+def _check_task(cfg: dict, task: str, path: str, description: str, source: str) -> bool:
+    """True for a pose config; CheckpointMismatchError if it is not of ``task``."""
+    from .registry import POSE_MODEL_NAMES
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    pose = cfg["model"] in POSE_MODEL_NAMES
+    if pose and task == "parsing":
+        raise CheckpointMismatchError(
+            f"checkpoint {path!r} ({description}) holds a pose model by its {source} "
+            f"({cfg['model']}, {cfg['num_joints']} joint heatmaps), not a parsing model: the "
+            "parsing tools take ce2p / hrnetv2_w* checkpoints (load a pose model with "
+            "task='pose')")
+    if not pose and task == "pose":
+        raise CheckpointMismatchError(
+            f"checkpoint {path!r} ({description}) holds a parsing model by its {source} "
+            f"({cfg['model']}, {cfg['num_classes']} classes), not a pose model "
+            "(pose_hrnet_w32 / pose_hrnet_w48)")
+    return pose
 
 
 def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=None,
                       width_mult=None, output_stride=None, norm=None, model=None,
-                      head=None) -> dict:
+                      head=None, num_joints=None, task: str = "parsing") -> dict:
     """The model and its hyper-parameters for the checkpoint: ``model`` (a
     :data:`lipfast.models.MODEL_NAMES` entry) and what
     :func:`lipfast.models.build_from_hparams` takes (CE2P: ``num_classes``,
@@ -366,12 +459,20 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
     of a CE2P-only (``layers``, ``width_mult``, ``output_stride``) or
     HRNet-only (``head``) argument. ``norm`` is free (all norms share keys and
     numerics; default: the stored one, ``inplace_abn_sync`` as
-    ``inplace_abn``)."""
+    ``inplace_abn``).
+
+    ``task``: ``"parsing"`` (default) or ``"pose"``; a checkpoint of the other kind
+    is a :class:`CheckpointMismatchError`. A pose checkpoint gives ``model``
+    (``pose_hrnet_w32`` / ``pose_hrnet_w48``), ``num_joints`` and ``norm``
+    (default from the keys: ``batchnorm``, upstream's); ``num_joints`` must agree
+    with it, and the parsing arguments do not apply (nor ``num_joints`` to a
+    parsing checkpoint)."""
     from .registry import required_hparams
 
     given = {"model": model, "num_classes": num_classes, "context": context, "head": head,
              "layers": None if layers is None else [int(v) for v in layers],
-             "width_mult": width_mult, "output_stride": output_stride}
+             "width_mult": width_mult, "output_stride": output_stride,
+             "num_joints": num_joints}
     if ckpt.hparams is not None:
         name = ckpt.hparams.get("model", "ce2p")
         try:
@@ -388,20 +489,28 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
         cfg = infer_config(ckpt.state_dict, ckpt.path)
         if cfg["model"] == "ce2p":
             cfg["output_stride"] = 16 if output_stride is None else output_stride
+            cfg["norm"] = "inplace_abn"
+        elif "num_joints" in cfg:   # a pose HRNet: upstream's BatchNorm
+            cfg["norm"] = "batchnorm"
         else:
             cfg["align_corners"] = False
-        cfg["norm"] = "inplace_abn"
+            cfg["norm"] = "inplace_abn"
         source = "keys"
+    pose = _check_task(cfg, task, ckpt.path, ckpt.description, source)
     is_ce2p = cfg["model"] == "ce2p"
     sd = ckpt.state_dict
+    if pose:
+        not_here = _PARSING_ONLY
+    else:
+        not_here = (_HRNET_ONLY if is_ce2p else _CE2P_ONLY) + _POSE_ONLY
     for name, value in given.items():
         if value is None:
             continue
-        if name in (_HRNET_ONLY if is_ce2p else _CE2P_ONLY):
+        if name in not_here:
             raise CheckpointMismatchError(
                 f"{_FLAGS[name]} does not apply to checkpoint {ckpt.path!r} ({ckpt.description},"
                 f" a {cfg['model']} model by its {source}): it is a "
-                + ("HRNetV2" if name in _HRNET_ONLY else "CE2P") + " option; drop the flag")
+                + _option_of(name) + " option; drop the flag")
         have = cfg[name]
         if name == "width_mult":
             same = all(_width(b, float(value)) == _width(b, float(have)) for b, _ in _WIDTH_KEYS)
@@ -418,6 +527,9 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
             f"({ckpt.description}, by its {source}): {why}; drop the flag or pass "
             "the checkpoint's value")
     cfg["norm"] = norm if norm is not None else _eval_norm(str(cfg["norm"]))
+    if pose:
+        cfg["num_joints"] = int(cfg["num_joints"])
+        return cfg
     cfg["num_classes"] = int(cfg["num_classes"])
     if is_ce2p:
         cfg["layers"] = [int(v) for v in cfg["layers"]]
@@ -430,17 +542,18 @@ def checkpoint_config(ckpt: Checkpoint, num_classes=None, context=None, layers=N
 
 def model_from_checkpoint(path, *, which: str = "model", num_classes=None, context=None,
                           layers=None, width_mult=None, output_stride=None, norm=None,
-                          model=None, head=None):
+                          model=None, head=None, num_joints=None, task: str = "parsing"):
     """``(model in eval mode on the CPU, config)`` for the checkpoint at ``path``
-    (any format of the module docstring): a CE2P or an HRNetV2 as
-    :func:`checkpoint_config` chooses, loaded strictly. ``which="schp_model"``
-    takes the self-correction model of a lipfast.train checkpoint."""
+    (any format of the module docstring): a CE2P or an HRNetV2 (``task="parsing"``,
+    default) or a PoseHRNet (``task="pose"``) as :func:`checkpoint_config`
+    chooses, loaded strictly. ``which="schp_model"`` takes the self-correction
+    model of a lipfast.train checkpoint."""
     from .registry import build_from_hparams
 
     ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     cfg = checkpoint_config(ckpt, num_classes=num_classes, context=context, layers=layers,
                             width_mult=width_mult, output_stride=output_stride, norm=norm,
-                            model=model, head=head)
+                            model=model, head=head, num_joints=num_joints, task=task)
     if which == "model":
         state = ckpt.state_dict
     elif which == "schp_model":
@@ -513,10 +626,33 @@ def load_imagenet(model: nn.Module, path, strict: bool = True) -> LoadReport:
     are skipped (and reported), every other key must be one of the model's
     backbone (stem, ``layer1``, ``transition1..3``, ``stage2..4``) and, under
     ``strict``, every backbone key present; the heads (``last_layer``, or CE2P's
-    edge / decoder / fusion) and a context keep their initialisation."""
+    edge / decoder / fusion) and a context keep their initialisation.
+
+    For a :class:`~lipfast.models.PoseHRNet`, deep-high-resolution-net.pytorch's
+    ``hrnet_w32-36af842e.pth`` (HRNet-Image-Classification's layout): only keys
+    under the backbone (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``layer1``,
+    ``transition1..3``, ``stage2..4``) are copied; the classifier-only ones
+    (``incre_modules``, ``downsamp_modules``, ``final_layer``, ``classifier``)
+    and stage 4's last-module fuse layers into branches 1-3
+    (``stage4.<last>.fuse_layers.{1,2,3}.*``, which the pose model does not have:
+    its last module outputs branch 0 only) are skipped and reported; the pose
+    head ``final_layer`` keeps its initialisation."""
     from .hrnet import HRNET_BACKBONE, HRNET_IMAGENET_ONLY, HRNetV2
+    from .pose_hrnet import PoseHRNet
 
     state = read_state_dict(path)
+    if isinstance(model, PoseHRNet):
+        last = len(model.stage4) - 1
+
+        def unused(k):
+            m = _STAGE4_FUSE.match(k)
+            return (k.split(".", 1)[0] in HRNET_IMAGENET_ONLY
+                    or (m is not None and int(m.group(1)) == last and int(m.group(2)) > 0))
+
+        skipped = sorted(k for k in state if unused(k))
+        state = {k: v for k, v in state.items() if not unused(k)}
+        return _load(model, state, os.fspath(path), strict, skipped,
+                     only_prefixes=HRNET_BACKBONE)
     if isinstance(model, HRNetV2):
         skipped = sorted(k for k in state if k.split(".", 1)[0] in HRNET_IMAGENET_ONLY)
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in HRNET_IMAGENET_ONLY}

@@ -97,6 +97,10 @@ The tools take it by name (:func:`lipfast.models.build`: ``hrnetv2_w18``,
 ``hrnetv2_w32``, ``hrnetv2_w48``): ``python -m lipfast.train --model
 hrnetv2_w48 [--head seg] [--context asp_oc]``, and ``lipfast.evaluate``,
 ``lipfast.parse`` and ``lipfast.export`` build it from its checkpoints.
+
+The blocks (:class:`BasicBlock`, :class:`Bottleneck`, :class:`HighResolutionModule`,
+whose ``upsample="nearest"`` and ``multi_scale_output=False`` options HRNetV2 does
+not use) and the transitions are shared with :class:`lipfast.models.PoseHRNet`.
 """
 
 from __future__ import annotations
@@ -133,11 +137,13 @@ HRNET_BACKBONE = ("conv1", "bn1", "conv2", "bn2", "layer1", "transition1", "stag
 _CTX, _MID, _LOW_MID = 512, 256, 48
 
 
-def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
+def _norm_factory(norm: str, momentum: float = _MOMENTUM) -> Callable[[int], nn.Module]:
+    """``c -> norm layer`` without activation (``nn.BatchNorm2d`` or lipfast's in-place
+    norm with the identity activation), running-statistics momentum ``momentum``."""
     if norm == "batchnorm":
-        return lambda c: nn.BatchNorm2d(c, momentum=_MOMENTUM)
+        return lambda c: nn.BatchNorm2d(c, momentum=momentum)
     cls = {"inplace_abn_sync": InPlaceABNSync, "inplace_abn": InPlaceABN}[norm]
-    return lambda c: cls(c, momentum=_MOMENTUM, activation="identity")
+    return lambda c: cls(c, momentum=momentum, activation="identity")
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -221,20 +227,34 @@ class HighResolutionModule(nn.Module):
     ``fuse_layers`` (every branch receives the sum of all, ReLU).
     ``fuse_relu_conv``: the ReLUs inside the fuse layers' stride-2 chains go into
     the next convolution as :func:`lipfast.ops.relu_conv2d` (the BasicBlocks have
-    their own flag)."""
+    their own flag).
+
+    ``upsample``: how a lower-resolution branch j > i reaches branch i after its
+    1x1 conv + norm: ``"bilinear"`` (default; HRNetV2: resized to branch i's size
+    with ``align_corners``) or ``"nearest"`` (the pose HRNet: nearest upsampling
+    by the factor ``2 ** (j - i)``; the sizes must then agree exactly).
+    ``multi_scale_output=False`` (the pose HRNet's last module): only branch 0 is
+    fused and returned (only ``fuse_layers.0`` exists); ``forward`` returns a
+    one-element list."""
 
     def __init__(self, channels: Sequence[int], norm: Callable[[int], nn.Module],
-                 align_corners: bool, blocks: int = 4, fuse_relu_conv: bool = False):
+                 align_corners: bool, blocks: int = 4, fuse_relu_conv: bool = False,
+                 upsample: str = "bilinear", multi_scale_output: bool = True):
         super().__init__()
+        if upsample not in ("bilinear", "nearest"):
+            raise ValueError(f"HighResolutionModule: upsample must be 'bilinear' or 'nearest', "
+                             f"got {upsample!r}")
         self.fuse_relu_conv = bool(fuse_relu_conv)
         self.align_corners = align_corners
+        self.upsample = upsample
+        self.multi_scale_output = bool(multi_scale_output)
         self.channels = list(channels)
         self.branches = nn.ModuleList([
             nn.Sequential(*[BasicBlock(c, c, norm, fuse_relu_conv) for _ in range(blocks)])
             for c in channels])
         n = len(channels)
         fuse = []
-        for i in range(n):
+        for i in range(n if self.multi_scale_output else 1):
             row = []
             for j in range(n):
                 if j > i:
@@ -256,6 +276,11 @@ class HighResolutionModule(nn.Module):
         self.fuse_layers = nn.ModuleList(fuse)
         self.relu = nn.ReLU(inplace=False)
 
+    def _up(self, y: torch.Tensor, i: int, j: int, size) -> torch.Tensor:
+        if self.upsample == "nearest":
+            return F.interpolate(y, scale_factor=float(2 ** (j - i)), mode="nearest")
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
+
     def forward(self, xs: list) -> list:
         xs = [branch(x) for branch, x in zip(self.branches, xs)]
         fuse = self.fuse_relu_conv
@@ -267,8 +292,7 @@ class HighResolutionModule(nn.Module):
                 if j == i:
                     y = y + xs[j]
                 elif j > i:
-                    y = y + F.interpolate(row[j](xs[j]), size=size, mode="bilinear",
-                                          align_corners=self.align_corners)
+                    y = y + self._up(row[j](xs[j]), i, j, size)
                 else:
                     y = y + _chain(fuse, row[j], xs[j])
             out.append(self.relu(y))
@@ -289,6 +313,35 @@ def _transition(pre: Sequence[int], cur: Sequence[int], norm) -> nn.ModuleList:
                                            nn.ReLU(inplace=False)))
             layers.append(nn.Sequential(*steps))
     return nn.ModuleList(layers)
+
+
+def _apply_transition(fuse: bool, transition: nn.ModuleList, ys: list) -> list:
+    """The branches after a ``transition*`` ModuleList (built by :func:`_transition`):
+    ``None`` keeps a branch, a ``Sequential(conv, norm, ReLU)`` changes its width, a
+    chain of stride-2 steps makes a new branch from the last one (its inner ReLUs
+    fused into the next conv with ``fuse``)."""
+    out = []
+    for i, t in enumerate(transition):
+        if t is None:
+            out.append(ys[i])
+        elif i < len(ys):   # Sequential(conv, norm, ReLU): the ReLU feeds a block
+            out.append(t(ys[i]))
+        else:               # a new branch: a chain of stride-2 steps from the last one
+            out.append(_chain(fuse, t, ys[-1]))
+    return out
+
+
+def _check_image(x, name: str, mean: str = "HRNET_MEAN / HRNET_STD") -> None:
+    """ValueError / TypeError unless ``x`` is a non-empty floating B x 3 x H x W tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} expects a B x 3 x H x W image, got "
+                         + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                            else type(x).__name__))
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point image (RGB in [0, 1] normalised "
+                        f"with {mean}), got {x.dtype}")
+    if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{name} got an empty input of shape {tuple(x.shape)}")
 
 
 #: the module classes with a ``fuse_relu_conv`` flag (set off by fold_norms)
@@ -406,27 +459,11 @@ class HRNetV2(nn.Module):
                 m.fuse_relu_conv = value
 
     def _next(self, transition: nn.ModuleList, ys: list) -> list:
-        out = []
-        for i, t in enumerate(transition):
-            if t is None:
-                out.append(ys[i])
-            elif i < len(ys):   # Sequential(conv, norm, ReLU): the ReLU feeds a block
-                out.append(t(ys[i]))
-            else:               # a new branch: a chain of stride-2 steps from the last one
-                out.append(_chain(self._fuse_relu_conv, t, ys[-1]))
-        return out
+        return _apply_transition(self._fuse_relu_conv, transition, ys)
 
     def features(self, x: torch.Tensor) -> list:
         """The four branch outputs of stage 4 (1/4, 1/8, 1/16 and 1/32 of the input)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError("HRNetV2 expects a B x 3 x H x W image, got "
-                             + (f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
-                                else type(x).__name__))
-        if not x.is_floating_point():
-            raise TypeError(f"HRNetV2 expects a floating-point image (RGB in [0, 1] normalised "
-                            f"with HRNET_MEAN / HRNET_STD), got {x.dtype}")
-        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(f"HRNetV2 got an empty input of shape {tuple(x.shape)}")
+        _check_image(x, "HRNetV2")
         x = _relu_conv(self._fuse_relu_conv, self.relu, self.conv2, self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(x))
         x = self.layer1(x)
