@@ -295,3 +295,11 @@ def test_empty_batch():
     assert out.shape == (0, 3, 6, 6)
     out.sum().backward()
     assert y.grad.shape == y.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_meta_device():
+    # shapes only (models built on the meta device with the fusion on)
+    y = torch.randn(2, 4, 9, 7, device="meta")
+    w = torch.randn(6, 4, 3, 3, device="meta")
+    out = relu_conv2d(y, w, None, 2, 1)
+    assert out.device.type == "meta" and out.shape == (2, 6, 5, 4)

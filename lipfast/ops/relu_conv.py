@@ -105,6 +105,8 @@ def _check(y, weight, bias, groups) -> None:
 def _compute(y, weight, bias, stride, padding, dilation, groups):
     # Autocast off: the op computes in the dtypes it is given (as its C++ kernel
     # does); :func:`relu_conv2d` does the autocast casting before calling it.
+    if not torch.amp.is_autocast_available(y.device.type):   # e.g. meta: no autocast there
+        return F.conv2d(torch.relu(y), weight, bias, stride, padding, dilation, groups)
     with torch.autocast(y.device.type, enabled=False):
         return F.conv2d(torch.relu(y), weight, bias, stride, padding, dilation, groups)
 
@@ -153,8 +155,9 @@ def relu_conv2d(
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    if isinstance(y, torch.Tensor) and y.is_floating_point() and torch.is_autocast_enabled(
-            y.device.type):
+    if (isinstance(y, torch.Tensor) and y.is_floating_point()
+            and torch.amp.is_autocast_available(y.device.type)   # not on meta
+            and torch.is_autocast_enabled(y.device.type)):
         dt = torch.get_autocast_dtype(y.device.type)
 
         def cast(t):
