@@ -404,7 +404,7 @@ def test_fused_ops_match_the_kernels_they_compose(dtype):
         torch.testing.assert_close(got2, exp2, rtol=0, atol=0)
     for training in (True, False):
         for yy, gg in ((y, gy), (y.transpose(2, 3), gy.transpose(2, 3))):
-            dx, dw, db = ops.abn_backward(yy, gg, var, w, b, float(count), 1e-5, "leaky_relu",
+            dx, dw, db = ops.abn_backward(yy, gg, var, w, b, count, 1e-5, "leaky_relu",
                                           0.01, training)
             s1, s2 = ops.abn_backward_reduce(yy, gg, w, b, 1e-5, "leaky_relu", 0.01)
             m1, m2 = (s1 / count, s2 / count) if training else (s1 * 0, s2 * 0)
@@ -413,13 +413,22 @@ def test_fused_ops_match_the_kernels_they_compose(dtype):
             torch.testing.assert_close(dw, s2 * torch.sign(w), rtol=0, atol=0)
             torch.testing.assert_close(db, s1, rtol=0, atol=0)
             torch.library.opcheck(ops.abn_backward.default,
-                                  (yy, gg, var, w, b, float(count), 1e-5, "leaky_relu", 0.01,
+                                  (yy, gg, var, w, b, count, 1e-5, "leaky_relu", 0.01,
                                    training))
+    # the differentiable op (C++ autograd kernel) that eager training uses
+    for t in (x, nc):
+        rm, rv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+        h = (t * 1.0).requires_grad_()
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        torch.library.opcheck(ops.inplace_abn_train_.default,
+                              (h * 1.0, wg, bg, rm, rv, 0.1, 1e-5, "leaky_relu", 0.01))
+        torch.library.opcheck(ops.inplace_abn_train_.default,
+                              (h * 1.0, None, None, None, None, 0.1, 1e-5, "elu", 1.0))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ops.abn_train_forward_(torch.randn(1, 3, 1), None, None, None, None, 0.1, 1e-5,
                                "identity", 0.0)
     with pytest.raises(ValueError, match="positive count"):
-        ops.abn_backward(y, gy, var, w, b, 0.0, 1e-5, "leaky_relu", 0.01, True)
+        ops.abn_backward(y, gy, var, w, b, 0, 1e-5, "leaky_relu", 0.01, True)
 
 
 def test_op_level_errors():

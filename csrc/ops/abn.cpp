@@ -96,8 +96,9 @@ at::Tensor abn_train_forward_composite(at::Tensor& x, const OptT& weight, const 
 // dweight = sum(x_hat dz) sign(weight) (w~ = |w| + eps), dbias = sum(dz).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> abn_backward_composite(
     const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var, const OptT& weight,
-    const OptT& bias, double count, double eps, c10::string_view activation, double param,
-    bool training) {
+    const OptT& bias, c10::SymInt count_sym, double eps, c10::string_view activation,
+    double param, bool training) {
+  const double count = static_cast<double>(count_sym.expect_int());
   auto [sum_dz, sum_xhat_dz] = call_reduce(y, dy, weight, bias, eps, activation, param);
   at::Tensor mean_dz, mean_xhat_dz;
   if (training) {
@@ -139,13 +140,31 @@ TORCH_LIBRARY_FRAGMENT(lipfast, m) {
   // Fused: the whole backward from the output (dx, dweight, dbias).
   m.def(
       "abn_backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, "
-      "float count, float eps, str activation, float activation_param, bool training) "
+      "SymInt count, float eps, str activation, float activation_param, bool training) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // The unsynchronised training layer as one differentiable op: forward =
+  // abn_train_forward_, returns x (now y); its autograd kernel
+  // (autograd/abn_autograd.cpp) saves y, var, weight, bias and calls abn_backward.
+  m.def(
+      "inplace_abn_train_(Tensor(a!) x, Tensor? weight, Tensor? bias, "
+      "Tensor(b!)? running_mean, Tensor(c!)? running_var, float momentum, float eps, "
+      "str activation, float activation_param) -> Tensor(a!)");
+}
+
+// Below autograd (no gradient needed, or called from the autograd kernel).
+at::Tensor& inplace_abn_train_composite(at::Tensor& x, const OptT& weight, const OptT& bias,
+                                        const OptT& running_mean, const OptT& running_var,
+                                        double momentum, double eps, c10::string_view activation,
+                                        double param) {
+  abn_train_forward_composite(x, weight, bias, running_mean, running_var, momentum, eps,
+                              activation, param);
+  return x;
 }
 
 TORCH_LIBRARY_IMPL(lipfast, CompositeExplicitAutograd, m) {
   m.impl("abn_train_forward_", &abn_train_forward_composite);
   m.impl("abn_backward", &abn_backward_composite);
+  m.impl("inplace_abn_train_", &inplace_abn_train_composite);
 }
 
 }  // namespace ops

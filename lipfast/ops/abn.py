@@ -16,10 +16,18 @@ CUDA: ``csrc/ops/cuda/abn_kernel.cu`` + ``abn_cuda.cpp``):
   activation, param) -> var`` (statistics, running-statistics update, forward into
   ``x``) and ``abn_backward(y, dy, var, weight, bias, count, eps, activation, param,
   training) -> (dx, dweight, dbias)``
+- ``inplace_abn_train_(x, weight, bias, running_mean, running_var, momentum, eps,
+  activation, param) -> x``: the unsynchronised layer in training as one
+  differentiable op, with a C++ autograd kernel
+  (``csrc/ops/autograd/abn_autograd.cpp``: ``abn_train_forward_`` forward,
+  ``abn_backward`` backward), used in eager mode so that a training step pays no
+  Python autograd per norm
 
 This file registers their fake (meta) kernels and composes them, with the
 process-group collectives of the synchronised variant, in an
-:class:`torch.autograd.Function`. The composition is a Python autograd
+:class:`torch.autograd.Function` (also used under ``torch.compile`` and in eval
+mode with gradients; the unsynchronised training layer runs as
+``inplace_abn_train_`` in eager mode). The composition is a Python autograd
 function rather than ``torch.library.register_autograd`` because the forward
 mutates its input, and ``register_autograd`` accepts functional ops only.
 ``torch.compile(fullgraph=True)`` traces through it.
@@ -75,6 +83,12 @@ def _abn_backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_p
 def _abn_train_forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation,
                             activation_param):
     return x.new_empty((x.shape[1],), dtype=_stats_dtype(x))
+
+
+@torch.library.register_fake("lipfast::inplace_abn_train_")
+def _inplace_abn_train_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                            activation_param):
+    return x
 
 
 @torch.library.register_fake("lipfast::abn_backward")
@@ -314,7 +328,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             raise
         act, prm, eps = ctx.activation, ctx.activation_param, ctx.eps
         if not ctx.sync:   # one fused op (csrc/ops/abn.cpp)
-            dx, dweight, dbias = _ops.abn_backward(y, dy, var, weight, bias, float(ctx.count), eps,
+            dx, dweight, dbias = _ops.abn_backward(y, dy, var, weight, bias, int(ctx.count), eps,
                                                    act, prm, ctx.training)
             needs = ctx.needs_input_grad
             return (dx if needs[0] else None,
@@ -356,6 +370,14 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
             float(eps), act, float(activation_param), sync, group)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad and training and not sync and not torch.compiler.is_compiling():
+        # the C++ autograd op (no Python autograd per call); torch.compile traces the
+        # Function below instead, which composes the same kernels
+        channels = x.shape[1]
+        if (x.numel() // channels if channels else 0) < 2:
+            raise _too_few_values(x.shape)
+        return _ops.inplace_abn_train_(x, weight, bias, running_mean, running_var,
+                                       float(momentum), float(eps), act, float(activation_param))
     if not needs_grad:
         # Nothing to differentiate (inference, frozen layers): skip the autograd
         # Function, whose mark_dirty torch.compile cannot trace without grad.
