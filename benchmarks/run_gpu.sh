@@ -281,6 +281,7 @@ if want bench_quick; then
   step miou_quick bench_quick 30 bench "$PY" benchmarks/miou.py --quick "${CEIL[@]}" --json "$L/miou_quick.json"
   step train_step_quick bench_quick 60 bench "$PY" benchmarks/train_step.py --quick "${CEIL[@]}" --json "$L/train_step_quick.json"
   step parse_quick bench_quick 30 bench "$PY" benchmarks/parse.py --quick --json "$L/parse_quick.json"
+  step pose_quick bench_quick 40 bench "$PY" benchmarks/pose.py --quick "${CEIL[@]}" --json "$L/pose_quick.json"
 fi
 if want tests_rest; then  # every other CUDA test
   step tests_rest tests_rest 150 pytest "$PY" -m pytest -v -rfEs -p no:cacheprovider -m cuda tests \

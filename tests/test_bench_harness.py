@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import _timing  # noqa: E402
 
-SCRIPTS = ("attn", "abn", "loss", "miou", "train_step", "parse", "gpu_ceilings")
+SCRIPTS = ("attn", "abn", "loss", "miou", "train_step", "parse", "pose", "gpu_ceilings")
 
 
 class FakeClock:

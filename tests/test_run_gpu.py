@@ -46,8 +46,9 @@ def test_dry_run_resolves_every_stage():
         assert re.search(rf"DRY-RUN ok {stage}/", out), (stage, out[-3000:])
     # every benchmark command went through its script's parse-only main()
     for name in ("attn_quick", "abn_quick", "loss_quick", "miou_quick", "train_step_quick",
-                 "parse_quick", "ceilings", "attn_bf16", "attn_fp32", "abn", "abn_bf16", "loss",
-                 "miou", "train_step", "train_step_hrnet", "parse", "train_step_max_batch"):
+                 "parse_quick", "pose_quick", "ceilings", "attn_bf16", "attn_fp32", "abn",
+                 "abn_bf16", "loss", "miou", "train_step", "train_step_hrnet", "parse",
+                 "train_step_max_batch"):
         assert re.search(rf"DRY-RUN ok \w+/{name}: flags parse", out), name
     n_plan = len(plan())
     assert f"{n_plan} steps resolve" in out
