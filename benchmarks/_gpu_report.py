@@ -115,6 +115,11 @@ def bench_rows(name: str, data: dict) -> list[list[str]]:
                 case = r["config"] + (f" max B {d['max_batch']}" if "max_batch" in d else "")
                 rows.append([name, case, st, _f(d.get("ms")), _floor(fl),
                              _frac((fl or {}).get("fraction")), _model(fl)])
+    elif name.startswith("pose"):
+        for r in data.get("rows", []):
+            fl = r.get("floor")
+            rows.append([name, f"{r['section']} {r['case']}", r["impl"], _f(r.get("ms")),
+                         _floor(fl), _frac((fl or {}).get("fraction")), _model(fl)])
     elif name.startswith("parse"):  # no floor: whole pipelines
         n = len(data.get("images", []))
         for r in data.get("rows", []):

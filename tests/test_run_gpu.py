@@ -123,17 +123,19 @@ def test_report_from_a_partial_run(tmp_path):
     (out / "attn_bf16.json").write_text(json.dumps(dict(partial=True, results=[dict(
         row="lip-os8", dtype="bf16", method="lipfast", fwdbwd_ms=2.0, floor_fwdbwd=fl)])))
     (out / "abn.json").write_text("{not json")  # being written when the run was cut off
+    (out / "pose_quick.json").write_text(json.dumps(dict(rows=[dict(
+        section="decode", case="64x64 flip test", impl="lipfast", ms=0.75, floor=fl)])))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_gpu_report.py"),
                         str(out), str(out), "480"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     md = (out / "README.md").read_text()
     for s in ("NVIDIA H200", "580.1", "13.0", "2.11.0", "3.6.0", "0123456789ab",
               "2026-12-01", "timeout", "4.30 TB/s", "lip-os8 bf16 f+b", "0.250",
-              "0.4 c", "Partial"):
+              "0.4 c", "Partial", "decode 64x64 flip test | lipfast | 0.75"):
         assert s in md, s
     summary = json.loads((out / "summary.json").read_text())
     assert [s["state"] for s in summary["steps"]] == ["ok", "timeout"]
-    assert summary["benchmarks"] == {"attn_bf16": "partial"}
+    assert summary["benchmarks"] == {"attn_bf16": "partial", "pose_quick": "complete"}
 
 
 def test_a_real_run_records_every_step(tmp_path):
