@@ -1,5 +1,6 @@
 """Helpers shared by ``lipfast.train`` and ``lipfast.evaluate``: atomic
-checkpoints, RNG state capture, SCHP's learning-rate schedule, the
+checkpoints, RNG state capture, SCHP's learning-rate schedule (and the pose
+recipe's step schedule), the
 deterministic sharded sampler, self-correction (parameter averaging and BN
 re-estimation), model construction from stored hyper-parameters, progress
 (tqdm, or plain lines for logs) and the SIGINT/SIGTERM stop flag."""
@@ -172,6 +173,34 @@ class SCHPSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.last_iter = int(state["last_iter"])
         self._apply()
+
+
+class StepSchedule:
+    """The pose recipe's learning rate (deep-high-resolution-net.pytorch's
+    ``MultiStepLR`` stepped once per epoch, SPEC 10: x0.1 at epochs 170 and 200),
+    evaluated per iteration with :class:`SCHPSchedule`'s interface: the rate of
+    iteration ``i`` is ``base_lr * factor ** k``, ``k`` the number of
+    ``milestones`` <= ``i // iters_per_epoch`` (the epoch it belongs to, from 0)."""
+
+    def __init__(self, optimizer, base_lr: float, iters_per_epoch: int, milestones=(170, 200),
+                 factor: float = 0.1):
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.milestones = tuple(int(m) for m in milestones)
+        self.factor = float(factor)
+        self.last_iter = 0
+        self._apply()
+
+    def lr_at(self, iteration: int) -> float:
+        epoch = iteration // self.iters_per_epoch
+        return self.base_lr * self.factor ** sum(1 for m in self.milestones if m <= epoch)
+
+    get_last_lr = SCHPSchedule.get_last_lr
+    _apply = SCHPSchedule._apply
+    step = SCHPSchedule.step
+    state_dict = SCHPSchedule.state_dict
+    load_state_dict = SCHPSchedule.load_state_dict
 
 
 # ----------------------------------------------------------------- sampler

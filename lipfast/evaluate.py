@@ -56,6 +56,39 @@ sections 4, 6 and 11).
 
 Precision: the model runs in float32 (``--amp bf16`` on CUDA for autocast);
 averaging and the warp back are float32.
+
+Pose (``--task pose``, SPEC 10; ``python -m lipfast.evaluate --task pose
+--checkpoint CKPT --data lip-pose:ROOT:val [--flip] [--ensemble CKPT ...]
+[--head-size lip|lip:FACTOR] [--pckh-threshold T] [--image-size WxH] [--vis-dir DIR
+[--vis N]] [--json PATH]``):
+
+- Checkpoints: a ``lipfast.train --task pose`` checkpoint (the model and the
+  input size from its hyper-parameters) or a released bare state dict of
+  deep-high-resolution-net.pytorch (``pose_hrnet_w32_256x256.pth``; BatchNorm,
+  the input ``--image-size``, default 256x256), read by
+  :func:`lipfast.models.model_from_checkpoint` with ``task="pose"``. A parsing
+  checkpoint given to a pose evaluation, or a pose checkpoint to a parsing one,
+  is an error saying which ``--task`` it needs; so are the flags of the other
+  task (``--scales``, ``--schp``, ``--save-pred``, ``--crop-size`` and the parsing
+  model flags are parsing's; ``--image-size``, ``--head-size``,
+  ``--pckh-threshold`` pose's).
+- Data: ``--data lip-pose:ROOT:SPLIT`` or a root (split ``--split``):
+  :class:`lipfast.data.LIPPoseDataset` with ``train=False`` (the whole image as
+  the person box, no augmentation).
+- Heatmaps: one model's, or the ensemble's mean (:func:`lipfast.pose.ensemble`,
+  ``--ensemble``); ``--flip`` adds the mirrored input's, fused into the decoding
+  (:func:`lipfast.pose.decode` with ``flipped=``: flipped back, pairs swapped,
+  shifted by one pixel, averaged). Decoded against each sample's box to the
+  original image's pixels.
+- PCKh (:class:`lipfast.pose.PCKh`, threshold ``--pckh-threshold`` 0.5) against
+  the ground-truth joints, head sizes by ``--head-size`` (default ``lip``: 0.5 x
+  |upper_neck - head_top| of the ground truth, an unconfirmed LIP rule, SPEC 10;
+  ``lip:FACTOR`` another factor); the table (Head, Shoulder, Elbow, Wrist, Hip,
+  Knee, Ankle, Mean, then per joint) is printed; ``--json`` writes it.
+- ``--vis-dir DIR``: ``<id>_pose.png`` pictures, ground truth | prediction
+  skeletons (:data:`lipfast._pose_tools.LIP_SKELETON`) over the image, of the
+  first ``--vis N`` samples (all without ``--vis``); ``--vis N`` alone writes
+  them to ``--out`` (default ``eval_vis``), as for parsing.
 """
 
 from __future__ import annotations
@@ -73,9 +106,9 @@ import torch
 from lipfast._io import atomic_file
 from lipfast._train_utils import PROGRESS_MODES, Progress, layers_arg
 from lipfast.data import SourceSpec, build_source, collate, lip_palette, parse_source, warp_back
-from lipfast.data.multi import SOURCE_KINDS
-from lipfast.models import (CONTEXTS, MODEL_NAMES, NORMS, input_format, model_from_checkpoint,
-                            read_checkpoint)
+from lipfast.data.multi import POSE_KINDS, SOURCE_KINDS
+from lipfast.models import (CONTEXTS, MODEL_NAMES, NORMS, POSE_MODEL_NAMES, Checkpoint,
+                            input_format, model_from_checkpoint, read_checkpoint)
 from lipfast.models.hrnet import HRNET_HEADS
 from lipfast.models.registry import describe_hparams
 
@@ -318,8 +351,9 @@ def load_model(path, device, use_schp: bool = False, **flags):
     """(model in eval mode on ``device``, hparams, checkpoint) from a
     checkpoint in any format :func:`lipfast.models.read_checkpoint` reads;
     ``flags``: ``num_classes``, ``context``, ``layers``, ``width_mult``,
-    ``output_stride``, ``norm``, ``model``, ``head`` (checked against the checkpoint)."""
-    ckpt = read_checkpoint(path)
+    ``output_stride``, ``norm``, ``model``, ``head`` (checked against the checkpoint).
+    ``path`` may be an already read :class:`lipfast.models.Checkpoint`."""
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, which="schp_model" if use_schp else "model",
                                        **flags)
     hp = dict(cfg)
@@ -329,11 +363,18 @@ def load_model(path, device, use_schp: bool = False, **flags):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lipfast._pose_tools import head_size_arg
+    from lipfast.train import _size_arg
+
     p = argparse.ArgumentParser(prog="python -m lipfast.evaluate",
                                 description="mIoU of a parsing checkpoint (lipfast.train's, "
-                                "SCHP's release layout or a plain state_dict) on a LIP split.")
+                                "SCHP's release layout or a plain state_dict) on a LIP split; "
+                                "--task pose: PCKh of a pose checkpoint on LIP's pose track.")
+    p.add_argument("--task", choices=("parsing", "pose"), default="parsing",
+                   help="parsing (default) or pose")
     p.add_argument("--data", required=True, metavar="SOURCE",
-                   help="a LIP-layout root (split --split), or lip:ROOT:SPLIT / cihp:ROOT:SPLIT")
+                   help="a LIP-layout root (split --split), or lip:ROOT:SPLIT / cihp:ROOT:SPLIT "
+                        "(--task pose: lip-pose:ROOT:SPLIT)")
     p.add_argument("--checkpoint", required=True,
                    help="lipfast.train checkpoint, SCHP release checkpoint "
                         "({'state_dict': {'module.*': ...}}) or plain state_dict")
@@ -348,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (default: from the checkpoint; a value that contradicts "
                              "it is an error)")
     g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--model", choices=MODEL_NAMES, default=None)
+    g.add_argument("--model", choices=MODEL_NAMES + POSE_MODEL_NAMES, default=None)
     g.add_argument("--head", choices=HRNET_HEADS, default=None, help="HRNetV2's head")
     g.add_argument("--context", choices=CONTEXTS, default=None)
     g.add_argument("--layers", type=layers_arg, default=None,
@@ -362,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", type=int, default=0, metavar="N",
                    help="write N side-by-side pictures (input | truth | prediction)")
     p.add_argument("--out", default="eval_vis", help="folder of the --vis pictures")
+    p.add_argument("--vis-dir", default=None, metavar="DIR",
+                   help="folder of the pictures (replaces --out); --task pose: skeleton "
+                        "pictures of the first --vis N samples, all without --vis")
     p.add_argument("--json", default=None, metavar="PATH", help="write the metrics as JSON")
     p.add_argument("--crop-size", type=int, default=None,
                    help="network input size (default: the training crop size, else 473)")
@@ -373,19 +417,159 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N only")
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                    help="auto: a tqdm bar on a terminal, plain lines otherwise")
+    g = p.add_argument_group("pose (--task pose)")
+    g.add_argument("--image-size", type=_size_arg, default=None, metavar="WxH",
+                   help="network input (default: the training size, else 256x256)")
+    g.add_argument("--head-size", type=head_size_arg, default=None, metavar="RULE",
+                   help="PCKh head size: lip (default: 0.5 x |upper_neck - head_top| of the "
+                        "ground truth, unconfirmed LIP rule) or lip:FACTOR")
+    g.add_argument("--pckh-threshold", type=float, default=None, help="default 0.5")
     return p
+
+
+#: flags (dest, default) of one task only; given with the other task they are an error
+_PARSING_ONLY = (("scales", (1.0,)), ("schp", False), ("save_pred", None), ("crop_size", None),
+                 ("num_classes", None), ("head", None), ("context", None), ("layers", None),
+                 ("width_mult", None), ("output_stride", None))
+_POSE_ONLY = (("image_size", None), ("head_size", None), ("pckh_threshold", None))
+
+
+def _check_task_flags(args) -> None:
+    other = _PARSING_ONLY if args.task == "pose" else _POSE_ONLY
+    given = ["--" + k.replace("_", "-") for k, default in other if getattr(args, k) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                         f"to --task {args.task}")
+    if args.model is not None and (args.model in POSE_MODEL_NAMES) != (args.task == "pose"):
+        kind = "pose" if args.task == "parsing" else "parsing"
+        raise ValueError(f"--model {args.model} is a {kind} model; this is a --task "
+                         f"{args.task} evaluation")
+
+
+def _read_checkpoint_of_task(path, task: str):
+    """The checkpoint at ``path``, refused (ValueError naming the flag to use) when
+    it holds a model of the other task."""
+    from lipfast._pose_tools import checkpoint_task
+
+    ckpt = read_checkpoint(path)
+    holds = checkpoint_task(ckpt)
+    if holds != task:
+        raise ValueError(f"checkpoint {path}: holds a {holds} model ({ckpt.description}); this "
+                         f"is a --task {task} evaluation: evaluate it with --task {holds}")
+    return ckpt
+
+
+def _data_spec(args, task: str):
+    """``--data`` as a source of ``task`` (a bare root: its ``--split``)."""
+    kind, sep, _ = args.data.partition(":")
+    if sep and kind in SOURCE_KINDS:
+        spec = parse_source(args.data)
+    else:
+        spec = SourceSpec("lip-pose" if task == "pose" else "lip", args.data, args.split)
+    if (spec.kind in POSE_KINDS) != (task == "pose"):
+        raise ValueError(f"--data {args.data}: a {spec.kind} source; --task {task} takes "
+                         + ("lip-pose:ROOT:SPLIT" if task == "pose" else
+                            "a LIP root, lip:ROOT:SPLIT or cihp:ROOT:SPLIT"))
+    return spec
+
+
+def _autocast(args, device):
+    if device.type == "cuda" and args.amp != "off":
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+        return functools.partial(torch.autocast, "cuda", dtype=dtype)
+    return None
+
+
+def _write_json(path, out: dict) -> None:
+    if path:
+        with atomic_file(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def pose_main(args) -> dict:
+    """``--task pose`` (see the module docstring); returns the results dict
+    (the JSON's content plus ``predictions``: {id: (coords J x 2, maxvals J)})."""
+    from lipfast._pose_tools import evaluate_pose_loader
+    from lipfast.data import pose_collate
+    from lipfast.pose.pckh import LIP_HEAD_FACTOR
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, hps = [], []
+    for path in [args.checkpoint] + list(args.ensemble):
+        ckpt = _read_checkpoint_of_task(path, "pose")
+        model, cfg = model_from_checkpoint(ckpt, task="pose", norm=args.norm, model=args.model)
+        models.append(model.to(device).eval())
+        hp = dict(cfg)
+        if ckpt.hparams is not None and ckpt.hparams.get("image_size"):
+            hp["image_size"] = [int(v) for v in ckpt.hparams["image_size"]]
+        hps.append(hp)
+        print(f"lipfast.evaluate: {path}: {ckpt.description}; {describe_hparams(hp)}",
+              flush=True)
+    joints = {int(h["num_joints"]) for h in hps}
+    if len(joints) != 1:
+        raise ValueError(f"ensemble members disagree on num_joints: {sorted(joints)}")
+    size = tuple(args.image_size or hps[0].get("image_size") or (256, 256))
+    from lipfast.models.pose_hrnet import pose_input_ok
+
+    if not pose_input_ok(size[1], size[0]):
+        raise ValueError(f"--image-size {size[0]}x{size[1]}: PoseHRNet needs sides whose "
+                         "ceil(n / 4) is a multiple of 8 (e.g. 256x256, 192x256, 288x384)")
+    spec = _data_spec(args, "pose")
+    fmt = input_format(models[0])
+    ds = build_source(spec, image_size=size, train=False, seed=0, channel_order=fmt[0],
+                      mean=fmt[1], std=fmt[2])
+    print(f"lipfast.evaluate: {spec.kind} {spec.root} split {spec.split}: {len(ds)} samples, "
+          f"input {size[0]}x{size[1]}", flush=True)
+    if args.max_images is not None:
+        ds = torch.utils.data.Subset(ds, range(min(len(ds), args.max_images)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, collate_fn=pose_collate)
+    head_size = args.head_size or "lip"
+    threshold = 0.5 if args.pckh_threshold is None else float(args.pckh_threshold)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"--pckh-threshold must be a positive number, got {threshold}")
+    vis_dir = args.vis_dir or (args.out if args.vis else None)
+    vis = (args.vis or len(ds)) if vis_dir else 0
+    t0 = time.perf_counter()
+    prog = Progress(len(loader), prefix="evaluate", every=10, mode=args.progress)
+    preds = []
+    try:
+        pckh = evaluate_pose_loader(models, loader, device, flip=args.flip,
+                                    autocast=_autocast(args, device), head_size=head_size,
+                                    threshold=threshold, progress=prog, vis=vis,
+                                    vis_dir=vis_dir,
+                                    src_format=fmt if len(models) > 1 else None,
+                                    predictions=preds)
+    finally:
+        prog.close()
+    res = pckh.compute()
+    print(pckh.format_table())
+    factor = head_size.partition(":")[2] or f"{LIP_HEAD_FACTOR:g}"
+    print(f"lipfast.evaluate: {len(ds)} images, PCKh@{threshold:g} Mean "
+          f"{res['table']['Mean']:.2f} (head size {factor} x |upper_neck - head_top|, "
+          f"flip={args.flip}, models={len(models)}, {time.perf_counter() - t0:.1f} s)")
+    out = dict(res, task="pose", images=len(ds), flip=args.flip, head_size=head_size,
+               image_size=list(size), checkpoints=[args.checkpoint] + list(args.ensemble),
+               model={k: v for k, v in hps[0].items() if k != "image_size"})
+    _write_json(args.json, out)
+    out["predictions"] = {sid: (c, m) for sid, c, m in preds}
+    return out
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("lipfast.evaluate: --batch-size must be >= 1")
+    _check_task_flags(args)
+    if args.task == "pose":
+        return pose_main(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     flags = {k: getattr(args, k) for k in ("num_classes", "context", "layers", "width_mult",
                                              "output_stride", "norm", "model", "head")}
     models, hps = [], []
     for path in [args.checkpoint] + list(args.ensemble):
-        m, hp, ckpt = load_model(path, device, args.schp, **flags)
+        m, hp, ckpt = load_model(_read_checkpoint_of_task(path, "parsing"), device, args.schp,
+                                 **flags)
         models.append(m)
         hps.append(hp)
         print(f"lipfast.evaluate: {path}: {ckpt.description}; {describe_hparams(hp)}",
@@ -396,10 +580,7 @@ def main(argv=None) -> dict:
     num_classes = ncls.pop()
     crop = args.crop_size or hps[0].get("crop_size") or 473
     crop = tuple(crop) if isinstance(crop, (list, tuple)) else int(crop)
-    if args.data.split(":", 1)[0] in SOURCE_KINDS:
-        spec = parse_source(args.data)
-    else:
-        spec = SourceSpec("lip", args.data, args.split)   # a plain root: --split
+    spec = _data_spec(args, "parsing")   # a plain root: --split
     fmt = input_format(models[0])
     ds = build_source(spec, crop_size=crop, train=False, seed=0, num_classes=num_classes,
                       channel_order=fmt[0], mean=fmt[1], std=fmt[2])
@@ -409,15 +590,13 @@ def main(argv=None) -> dict:
         ds = torch.utils.data.Subset(ds, range(min(len(ds), args.max_images)))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=collate)
-    autocast = None
-    if device.type == "cuda" and args.amp != "off":
-        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-        autocast = functools.partial(torch.autocast, "cuda", dtype=dtype)
+    autocast = _autocast(args, device)
 
     t0 = time.perf_counter()
     prog = Progress(len(loader), prefix="evaluate", every=10, mode=args.progress)
     metrics = evaluate_loader(models, loader, num_classes, device, args.flip, args.scales,
-                              autocast, args.save_pred, args.vis, args.out, prog,
+                              autocast, args.save_pred, args.vis, args.vis_dir or args.out,
+                              prog,
                               src_format=fmt if len(models) > 1 else None)
     prog.close()
     res = metrics.compute()
@@ -430,9 +609,7 @@ def main(argv=None) -> dict:
     out.update(images=len(ds), flip=args.flip, scales=list(args.scales),
                checkpoints=[args.checkpoint] + list(args.ensemble),
                model={k: v for k, v in hps[0].items() if k != "crop_size"})
-    if args.json:
-        with atomic_file(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    _write_json(args.json, out)
     return out
 
 

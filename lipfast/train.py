@@ -69,7 +69,23 @@ What it does, as SCHP's ``train.py``:
   plain line every ``--log-every`` iterations otherwise (logs, CI);
   ``--progress bar|lines|off`` forces one.
 
-Checkpoint (``torch.load(weights_only=True)`` reads it): ``model``,
+Pose (``--task pose``; every other command line is the parsing task, unchanged)::
+
+    python -m lipfast.train --task pose --model pose_hrnet_w32 \
+        --data lip-pose:LIP:train [--val-data lip-pose:LIP:val --val-every 10] \
+        --image-size 256x256 [--sigma 2] [--lr-steps 170,200] ...
+
+trains :class:`lipfast.models.PoseHRNet` with SPEC 10's recipe (Adam 1e-3, x0.1
+at epochs 170 and 200, 210 epochs, batch 32 per process, the fused
+:func:`lipfast.pose.heatmap_loss` with sigma 2, 3 for 288x384) on LIP's pose
+track and validates with PCKh (``val_pckh`` in ``metrics.csv``): see
+:mod:`lipfast._pose_train`. The flags whose default depends on the task
+(:data:`TASK_DEFAULTS`) default per task; a flag of the other task
+(``--crop-size``, ``--cycles``, ... with pose; ``--image-size``, ``--sigma``, ...
+with parsing) is an error, and so are sources and models of the other task.
+The loop, DDP, AMP, checkpoints, resume, progress and curves are this module's.
+
+Checkpoint (``torch.load(weights_only=True)`` reads it): ``task``, ``model``,
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``iter_in_epoch`` (the
 position: batches of ``epoch`` already done), ``iteration`` (global),
 ``cycle_n``, ``schp_model`` (when cycles run), the torch/CUDA/numpy/python RNG
@@ -121,20 +137,94 @@ CSV_FIELDS = ("epoch", "iters", "loss", "lr", "val_miou", "seconds")
 CURVES_SIZE = (900, 340)  # curves.png: two panels, loss and val mIoU per epoch
 
 
+#: ``--task``: parsing (default; CE2P / SCHP, HRNetV2) or pose (PoseHRNet, SPEC 10)
+TASKS = ("parsing", "pose")
+#: the defaults of the flags whose default depends on ``--task`` (parser default None);
+#: a flag absent from a task's dict does not apply to that task (an error if given)
+TASK_DEFAULTS = {
+    "parsing": {"model": "ce2p", "epochs": 150, "batch_size": 16, "lr": 7e-3,
+                "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 10.0,
+                "crop_size": 473, "num_classes": 20, "cycles": 0, "cycle_epochs": 10,
+                "head": None, "context": None, "output_stride": None, "layers": None,
+                "width_mult": None, "bn_batches": None},
+    # SPEC 10: Adam lr 1e-3, x0.1 at epochs 170 and 200, 210 epochs, batch 32 per GPU
+    "pose": {"model": "pose_hrnet_w32", "epochs": 210, "batch_size": 32, "lr": 1e-3,
+             "weight_decay": 0.0, "image_size": (256, 256), "sigma": None,
+             "lr_steps": (170, 200), "lr_factor": 0.1, "head_size": "lip",
+             "pckh_threshold": 0.5},
+}
+
+
+def resolve_task_args(args) -> argparse.Namespace:
+    """Fills the task-dependent defaults of ``args`` (:data:`TASK_DEFAULTS`) in
+    place and returns it; a flag of the other task that was given is a
+    ``ValueError`` naming it. Idempotent."""
+    task = getattr(args, "task", None) or "parsing"
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
+    args.task = task
+    mine = TASK_DEFAULTS[task]
+    other = TASK_DEFAULTS["pose" if task == "parsing" else "parsing"]
+    given = sorted("--" + k.replace("_", "-") for k in other
+                   if k not in mine and getattr(args, k, None) is not None)
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply "
+                         f"to --task {task}" + (" (the pose input size is --image-size WxH)"
+                                                if "--crop-size" in given else ""))
+    for k, v in mine.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def _size_arg(text: str) -> tuple:
+    """argparse type of ``--image-size``: ``WxH`` (width first, as the pose
+    configs) or one number for a square, e.g. ``256x256``, ``288x384``, ``64``."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        vals = tuple(int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size must be WxH (e.g. 256x256), got {text!r}")
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 2:
+        raise argparse.ArgumentTypeError(f"--image-size must be WxH with sides >= 2, got {text!r}")
+    return vals
+
+
+def _steps_arg(text: str) -> tuple:
+    """argparse type of ``--lr-steps``: epochs, comma-separated (``170,200``; ``""``: none)."""
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr-steps must be comma-separated epochs, got "
+                                         f"{text!r}")
+    if any(v < 1 for v in vals) or list(vals) != sorted(vals):
+        raise argparse.ArgumentTypeError(f"--lr-steps must be increasing epochs >= 1, got "
+                                         f"{text!r}")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from lipfast.models import MODEL_NAMES
+    from lipfast._pose_tools import head_size_arg
+    from lipfast.models import MODEL_NAMES, POSE_MODEL_NAMES
     from lipfast.models.hrnet import HRNET_HEADS
 
     p = argparse.ArgumentParser(prog="python -m lipfast.train",
-                                description="Train CE2P/SCHP or HRNetV2 on LIP / CIHP data.")
+                                description="Train CE2P/SCHP or HRNetV2 on LIP / CIHP data "
+                                            "(--task pose: PoseHRNet on LIP's pose track).")
+    p.add_argument("--task", default="parsing", choices=TASKS,
+                   help="parsing (default) or pose (heatmaps of LIP's 16 joints, PCKh)")
     p.add_argument("--data", required=True, action="append", metavar="SOURCE",
                    help="a data source, repeatable: ROOT (LIP layout, train split), "
-                        "lip:ROOT:SPLIT or cihp:ROOT:SPLIT, optionally :WEIGHT")
+                        "lip:ROOT:SPLIT or cihp:ROOT:SPLIT (--task pose: lip-pose:ROOT:SPLIT), "
+                        "optionally :WEIGHT")
     p.add_argument("--val-data", default=None, metavar="SOURCE",
                    help="validation source (default: the first --data root, split val)")
     p.add_argument("--out", default="runs/lipfast", help="output folder")
-    p.add_argument("--model", default="ce2p", choices=MODEL_NAMES,
-                   help="ce2p (ResNet-101 CE2P/SCHP, default) or HRNetV2 of width 18/32/48")
+    p.add_argument("--model", default=None, choices=MODEL_NAMES + POSE_MODEL_NAMES,
+                   help="ce2p (ResNet-101 CE2P/SCHP, default) or HRNetV2 of width 18/32/48; "
+                        "--task pose: pose_hrnet_w32 (default) or pose_hrnet_w48")
     p.add_argument("--head", default=None, choices=HRNET_HEADS,
                    help="HRNetV2's head: ce2p (edge + fusion, default) or seg (HRNet's)")
     p.add_argument("--context", default=None,
@@ -145,29 +235,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CE2P only (default 16)")
     p.add_argument("--norm", default=None,
                    choices=("inplace_abn_sync", "inplace_abn", "batchnorm"),
-                   help="default: inplace_abn_sync under DDP, inplace_abn otherwise")
+                   help="default: inplace_abn_sync under DDP, inplace_abn otherwise (--task "
+                        "pose: batchnorm, the reference's)")
     p.add_argument("--layers", type=layers_arg, default=None,
                    help="CE2P only: Bottleneck counts of layer1..4 (default 3,4,23,3 = "
                         "ResNet-101)")
     p.add_argument("--width-mult", type=float, default=None, help="CE2P only (default 1)")
-    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--num-classes", type=int, default=None, help="parsing only (default 20)")
     p.add_argument("--imagenet", default=None, metavar="PATH",
                    help="ImageNet checkpoint for the backbone (CE2P: a deep-stem ResNet; "
                         "HRNetV2: hrnetv2_w48_imagenet_pretrained.pth and its siblings)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="initial weights of the whole model: a lipfast.train checkpoint, "
                         "SCHP's release checkpoint or a plain state_dict")
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--crop-size", type=int, default=473,
-                   help="training crop (473; the seed's larger inputs: 512, 576)")
-    p.add_argument("--lr", type=float, default=7e-3)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--cycles", type=int, default=0,
+    p.add_argument("--epochs", type=int, default=None, help="default 150 (pose: 210)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per process (default 16; pose: 32)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="parsing: training crop (473, default; the seed's larger inputs: 512, 576)")
+    p.add_argument("--lr", type=float, default=None, help="default 7e-3 (SGD; pose: Adam 1e-3)")
+    p.add_argument("--momentum", type=float, default=None, help="parsing: SGD's (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="default 5e-4 (pose: 0, the reference's Adam)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="parsing only (default 10)")
+    p.add_argument("--cycles", type=int, default=None,
                    help="self-correction cycles (SCHP: 5); they start at epochs - cycles*cycle_epochs")
-    p.add_argument("--cycle-epochs", type=int, default=10)
+    p.add_argument("--cycle-epochs", type=int, default=None, help="parsing only (default 10)")
     p.add_argument("--bn-batches", type=int, default=None,
                    help="batches for the SCHP model's BN re-estimation (default: a whole epoch)")
     p.add_argument("--max-iters", type=int, default=None,
@@ -188,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a tqdm bar on a terminal, plain lines otherwise")
     p.add_argument("--check-sync", action="store_true",
                    help="under DDP, verify after every epoch that all ranks hold equal weights")
+    g = p.add_argument_group("pose (--task pose, SPEC 10)")
+    g.add_argument("--image-size", type=_size_arg, default=None, metavar="WxH",
+                   help="network input, width first (default 256x256; 288x384, 384x512, ...)")
+    g.add_argument("--sigma", type=float, default=None,
+                   help="Gaussian of the heatmap targets, heatmap pixels (default 2; 3 for "
+                        "288x384)")
+    g.add_argument("--lr-steps", type=_steps_arg, default=None, metavar="E1,E2",
+                   help="epochs at which the learning rate is multiplied by --lr-factor "
+                        "(default 170,200)")
+    g.add_argument("--lr-factor", type=float, default=None, help="default 0.1")
+    g.add_argument("--head-size", type=head_size_arg, default=None, metavar="RULE",
+                   help="PCKh head size of the validation: lip (default: 0.5 x |upper_neck - "
+                        "head_top| of the ground truth, unconfirmed LIP rule) or lip:FACTOR")
+    g.add_argument("--pckh-threshold", type=float, default=None, help="default 0.5")
     return p
 
 
@@ -257,10 +364,10 @@ def _sync_check(model) -> float:
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
-def _write_csv_row(path: str, row: dict) -> None:
+def _write_csv_row(path: str, row: dict, fields=CSV_FIELDS) -> None:
     new = not os.path.exists(path)
     with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerow(row)
@@ -329,9 +436,11 @@ def _draw_panel(draw, box, xs, ys, colour, title, font, empty_note="") -> None:
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # the frame on top
 
 
-def _plot_curves(csv_path: str, png_path: str) -> bool:
-    """``curves.png``: training loss and val mIoU per epoch from ``metrics.csv``,
-    drawn with PIL (no matplotlib), written atomically."""
+def _plot_curves(csv_path: str, png_path: str, val_column: str = "val_miou",
+                 val_title: str = "val mIoU (%)") -> bool:
+    """``curves.png``: training loss and the validation metric (column
+    ``val_column``: val mIoU, or the pose runs' val PCKh) per epoch from
+    ``metrics.csv``, drawn with PIL (no matplotlib), written atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
     with open(csv_path, encoding="utf-8") as f:
@@ -344,35 +453,95 @@ def _plot_curves(csv_path: str, png_path: str) -> bool:
         font = ImageFont.load_default()
     loss = [(int(r["epoch"]), float(r["loss"])) for r in rows
             if math.isfinite(float(r["loss"]))]
-    vals = [(int(r["epoch"]), float(r["val_miou"])) for r in rows
-            if r["val_miou"] not in ("", None)]
+    vals = [(int(r["epoch"]), float(r[val_column])) for r in rows
+            if r[val_column] not in ("", None) and math.isfinite(float(r[val_column]))]
     w, h = CURVES_SIZE
     im = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(im)
     _draw_panel(d, (0, 0, w // 2, h), [e for e, _ in loss], [v for _, v in loss],
                 (31, 119, 180), "training loss", font)
     _draw_panel(d, (w // 2, 0, w, h), [e for e, _ in vals], [v for _, v in vals],
-                (255, 127, 14), "val mIoU (%)", font, "no validation yet (--val-every N)")
+                (255, 127, 14), val_title, font, "no validation yet (--val-every N)")
     with atomic_file(png_path) as f:
         im.save(f, format="PNG")
     return True
 
 
 class Trainer:
+    """The training loop of ``python -m lipfast.train`` (parsing; ``--task pose``:
+    :class:`lipfast._pose_train.PoseTrainer`, a subclass). The steps of
+    ``__init__`` (``_check_args``, ``_build_data``, ``_build_model``,
+    ``_build_training``) and ``train_step`` / ``validate`` / ``_validation_result``
+    / ``_describe_run`` are what a task defines; device and DDP setup,
+    checkpoints, exact resume, the stop flag, progress, ``metrics.csv`` and
+    ``curves.png`` are shared."""
+
+    task = "parsing"
+    #: the columns of metrics.csv, the validation column and its curve's title
+    csv_fields = CSV_FIELDS
+    val_column = "val_miou"
+    val_title = "val mIoU (%)"
+    val_label = "val mIoU"
+    #: hparams entries that may change on --resume
+    resume_free = ("norm", "crop_size")
+
     def __init__(self, args):
-        self.args = args
+        self.args = resolve_task_args(args)
+        if self.args.task != self.task:
+            raise ValueError(f"{type(self).__name__} trains --task {self.task}, got --task "
+                             f"{self.args.task}")
         self.device, self.rank, self.world = _setup_distributed(args.device)
         torch.manual_seed(args.seed)
-        norm = args.norm or ("inplace_abn_sync" if self.world > 1 else "inplace_abn")
+        norm = args.norm or self._default_norm()
         self.model_kwargs = self._model_kwargs(norm)
         self._check_args()
-        from lipfast.data import MultiSourceDataset, collate
-        from lipfast.data.multi import unique_names
-        from lipfast.losses import SCHPCriterion
         from lipfast.models import input_format
 
-        self.collate = collate
         self.input_format = input_format(args.model)
+        self._build_data()
+        model = self._build_model()
+        if args.imagenet:
+            from lipfast.models import load_imagenet
+
+            load_imagenet(model, args.imagenet)
+        if args.init:
+            self._init_weights(model, args.init)
+        self.model = model.to(self.device)
+        self.hparams = self._hparams()
+        self._wrap_ddp(norm)
+        self._build_training()
+        self.autocast, self.scaler = _autocast_factory(self.device, args.amp)
+        self.cycle_n = 0
+        self.epoch = 0
+        self.iter_in_epoch = 0
+        self.iteration = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.losses = []  # per-iteration losses of this process (for callers / tests)
+        self.lr = self.scheduler.get_last_lr()  # rate of the last step taken
+        self.out = args.out
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pth")
+        self.csv_path = os.path.join(self.out, "metrics.csv")
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+
+    def _default_norm(self) -> str:
+        return "inplace_abn_sync" if self.world > 1 else "inplace_abn"
+
+    def _collate(self):
+        from lipfast.data import collate
+
+        return collate
+
+    def _build_data(self) -> None:
+        """``train_set`` (one source, or a MultiSourceDataset), ``sampler``,
+        ``iters_per_epoch``, ``loader``, ``collate``; the validation source is
+        built once when ``--val-every`` is on (fail now, not after an epoch)."""
+        from lipfast.data import MultiSourceDataset
+        from lipfast.data.multi import unique_names
+
+        args = self.args
+        self.collate = self._collate()
         # each source its own augmentation stream (the first keeps --seed's)
         sources = [self._source(spec, train=True, seed=args.seed + 7919 * i)
                    for i, spec in enumerate(self.specs)]
@@ -394,22 +563,21 @@ class Trainer:
         self.iters_per_epoch = self.sampler.batches
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=args.batch_size, sampler=self.sampler,
-            num_workers=args.workers, collate_fn=collate, drop_last=True,
+            num_workers=args.workers, collate_fn=self.collate, drop_last=True,
             pin_memory=self.device.type == "cuda", worker_init_fn=ignore_sigint_in_worker,
             # own generator: starting an epoch must not draw from the global RNG
             # (a mid-epoch resume would otherwise shift the dropout stream)
             generator=torch.Generator().manual_seed(args.seed))
+
+    def _build_model(self):
         from lipfast.models import build
 
-        model = build(args.model, num_classes=args.num_classes, **self.model_kwargs)
-        if args.imagenet:
-            from lipfast.models import load_imagenet
+        return build(self.args.model, num_classes=self.args.num_classes, **self.model_kwargs)
 
-            load_imagenet(model, args.imagenet)
-        if args.init:
-            self._init_weights(model, args.init)
-        self.model = model.to(self.device)
-        self.hparams = dict(model_hparams(self.model), crop_size=args.crop_size)
+    def _hparams(self) -> dict:
+        return dict(model_hparams(self.model), crop_size=self.args.crop_size)
+
+    def _wrap_ddp(self, norm: str) -> None:
         self.ddp = None
         if self.world > 1:
             # the sync norms keep the buffers equal: no per-forward buffer broadcast;
@@ -424,6 +592,12 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 **no_sync)
         self.net = self.ddp or self.model
+
+    def _build_training(self) -> None:
+        """criterion, optimizer, scheduler and the self-correction state."""
+        from lipfast.losses import SCHPCriterion
+
+        args = self.args
         self.ce2p_outputs = getattr(self.model, "head", "ce2p") == "ce2p"
         self.criterion = (SCHPCriterion(num_classes=args.num_classes) if self.ce2p_outputs
                           else None)
@@ -433,26 +607,16 @@ class Trainer:
         self.scheduler = SCHPSchedule(self.optimizer, args.lr, self.iters_per_epoch, args.epochs,
                                       warmup_epochs=args.warmup_epochs,
                                       cycle_start=self.schp_start, cycle_epochs=args.cycle_epochs)
-        self.autocast, self.scaler = _autocast_factory(self.device, args.amp)
         self.schp_model = copy.deepcopy(self.model) if args.cycles else None
-        self.cycle_n = 0
-        self.epoch = 0
-        self.iter_in_epoch = 0
-        self.iteration = 0
-        self.loss_sum = 0.0
-        self.loss_count = 0
-        self.losses = []  # per-iteration losses of this process (for callers / tests)
-        self.lr = self.scheduler.get_last_lr()  # rate of the last step taken
-        self.out = args.out
-        self.ckpt_path = os.path.join(self.out, "checkpoint.pth")
-        self.csv_path = os.path.join(self.out, "metrics.csv")
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
 
     def _model_kwargs(self, norm: str) -> dict:
         """The constructor arguments of ``--model`` from the flags (CE2P-only
         flags refused with HRNet and ``--head`` with CE2P)."""
         a = self.args
+        from lipfast.models import is_pose_model
+
+        if is_pose_model(a.model):
+            raise ValueError(f"--model {a.model} is a pose model: train it with --task pose")
         if a.model == "ce2p":
             if a.head is not None:
                 raise ValueError("--head applies to the HRNetV2 models (--model hrnetv2_w48 "
@@ -474,54 +638,56 @@ class Trainer:
         return {"head": a.head or "ce2p",
                 "context": None if a.context in (None, "none") else a.context, "norm": norm}
 
+    def _source_kwargs(self) -> dict:
+        """What :func:`lipfast.data.build_source` takes besides the spec, split
+        mode, seed and input format (parsing: the crop size and classes)."""
+        return {"crop_size": self.args.crop_size, "num_classes": self.args.num_classes}
+
     def _source(self, spec, train: bool, seed: int | None = None):
         from lipfast.data import build_source
 
         order, mean, std = self.input_format
-        return build_source(spec, crop_size=self.args.crop_size, train=train,
-                            seed=self.args.seed if seed is None else seed,
-                            num_classes=self.args.num_classes,
-                            channel_order=order, mean=mean, std=std)
+        return build_source(spec, train=train, seed=self.args.seed if seed is None else seed,
+                            channel_order=order, mean=mean, std=std, **self._source_kwargs())
+
+    def _init_config(self, ckpt, model) -> None:
+        """Checks ``--init``'s checkpoint against the model flags (errors name the
+        flag): :func:`lipfast.models.checkpoint_config` of the task."""
+        from lipfast.models import checkpoint_config
+
+        kw = {k: v for k, v in self.model_kwargs.items() if k != "norm"}
+        if "layers" in kw:
+            kw["layers"] = list(kw["layers"])
+        checkpoint_config(ckpt, model=self.args.model, num_classes=self.args.num_classes, **kw)
 
     def _init_weights(self, model, path: str) -> None:
         """``--init``: the whole model's weights from a checkpoint in any format,
         its keys checked against the model flags first (errors name the flag)."""
-        from lipfast.models import checkpoint_config, load_checkpoint, read_checkpoint
+        from lipfast.models import load_checkpoint, read_checkpoint
 
-        a = self.args
         ckpt = read_checkpoint(path)
-        kw = {k: v for k, v in self.model_kwargs.items() if k != "norm"}
-        if "layers" in kw:
-            kw["layers"] = list(kw["layers"])
-        checkpoint_config(ckpt, model=a.model, num_classes=a.num_classes, **kw)
+        self._init_config(ckpt, model)
         load_checkpoint(model, ckpt)
         _log(f"lipfast.train: weights initialised from {path} ({ckpt.description})")
 
-    def _check_args(self):
+    def _check_common_args(self, positive=("epochs", "batch_size")) -> None:
+        """The checks of both tasks; parses ``--data`` / ``--val-data`` into
+        ``specs`` / ``val_spec`` (sources of another task are refused)."""
         a = self.args
         if a.init and a.resume is not None:
             raise ValueError("--init and --resume both set the weights: pass one (--resume "
                              "continues a lipfast.train run, --init starts a new one)")
         if a.init and a.imagenet:
             raise ValueError("--init and --imagenet both set the backbone: pass one")
-        for name in ("epochs", "batch_size", "cycle_epochs", "num_classes"):
+        for name in positive:
             if getattr(a, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-        if a.crop_size < 2:
-            raise ValueError(f"--crop-size must be >= 2, got {a.crop_size}")
-        if a.cycles and self.model_kwargs.get("head") == "seg":
-            raise ValueError("--cycles: self-correction needs the CE2P head's edge and fusion "
-                             "outputs; HRNetV2 --head seg has neither (use --head ce2p)")
-        if a.cycles < 0:
-            raise ValueError(f"--cycles must be >= 0, got {a.cycles}")
-        if a.cycles and a.cycles * a.cycle_epochs >= a.epochs:
-            raise ValueError(f"--cycles {a.cycles} x --cycle-epochs {a.cycle_epochs} leaves no "
-                             f"warm start in {a.epochs} epochs (SCHP: 150 epochs, 5 x 10)")
-        if not a.lr > 0 or not (a.width_mult is None or a.width_mult > 0):
-            raise ValueError("--lr and --width-mult must be positive")
+        if not a.lr > 0:
+            raise ValueError(f"--lr must be positive, got {a.lr}")
         if a.max_iters is not None and a.max_iters < 0:
             raise ValueError("--max-iters must be >= 0")
         from lipfast.data import parse_source
+        from lipfast.data.multi import POSE_KINDS
 
         self.specs = [parse_source(text) for text in a.data]
         for spec in self.specs:
@@ -532,11 +698,36 @@ class Trainer:
             self.val_spec = parse_source(a.val_data)
         else:
             self.val_spec = dataclasses.replace(self.specs[0], split="val", weight=1.0)
+        pose = self.task == "pose"
+        for flag, spec in [("--data", sp) for sp in self.specs] + [("--val-data", self.val_spec)]:
+            if (spec.kind in POSE_KINDS) != pose:
+                raise ValueError(
+                    f"{flag} {spec}: a {spec.kind} source holds "
+                    + ("pose annotations (joints): train on it with --task pose"
+                       if not pose else "parsing labels; --task pose takes lip-pose:ROOT:SPLIT "
+                       "sources (LIP's pose track)"))
+
+    def _check_args(self):
+        a = self.args
+        self._check_common_args(("epochs", "batch_size", "cycle_epochs", "num_classes"))
+        if a.crop_size < 2:
+            raise ValueError(f"--crop-size must be >= 2, got {a.crop_size}")
+        if a.cycles and self.model_kwargs.get("head") == "seg":
+            raise ValueError("--cycles: self-correction needs the CE2P head's edge and fusion "
+                             "outputs; HRNetV2 --head seg has neither (use --head ce2p)")
+        if a.cycles < 0:
+            raise ValueError(f"--cycles must be >= 0, got {a.cycles}")
+        if a.cycles and a.cycles * a.cycle_epochs >= a.epochs:
+            raise ValueError(f"--cycles {a.cycles} x --cycle-epochs {a.cycle_epochs} leaves no "
+                             f"warm start in {a.epochs} epochs (SCHP: 150 epochs, 5 x 10)")
+        if not (a.width_mult is None or a.width_mult > 0):
+            raise ValueError("--lr and --width-mult must be positive")
 
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
+            "task": self.task,
             "hparams": self.hparams,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -558,11 +749,17 @@ class Trainer:
             dist.barrier()
 
     def resume(self, path: str) -> None:
+        from lipfast.models import is_pose_model
+
         ckpt = load_training_checkpoint(path)
         stored = dict(ckpt["hparams"])
         stored.setdefault("model", "ce2p")   # checkpoints from before HRNetV2
+        task = ckpt.get("task") or ("pose" if is_pose_model(stored) else "parsing")
+        if task != self.task:
+            raise ValueError(f"--resume {path}: a --task {task} checkpoint ({stored['model']}); "
+                             f"this run is --task {self.task}")
         for k in self.hparams:
-            if k in ("norm", "crop_size"):
+            if k in self.resume_free:
                 continue
             if stored.get(k) != self.hparams[k]:
                 raise ValueError(f"--resume {path}: checkpoint has {k}={stored.get(k)!r},"
@@ -689,9 +886,16 @@ class Trainer:
         _log(f"lipfast.train: self-correction cycle {self.cycle_n}: weights averaged, norm "
              f"statistics re-estimated on {n * self.world} images")
 
-    def validate(self):
-        from lipfast.evaluate import evaluate_loader
-
+    def _val_loader(self):
+        """This rank's shard of the validation source (``--val-batches`` batches
+        at most) and a progress for it. Under DDP with norms whose running
+        statistics are per rank (all but ``inplace_abn_sync``: DDP broadcasts rank
+        0's at each forward, then each rank's step updates its own), rank 0's
+        buffers -- the checkpoint's -- are first copied to every rank, so that all
+        shards are evaluated with the model the checkpoint holds."""
+        if self.world > 1 and getattr(self.model, "norm", None) != "inplace_abn_sync":
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
         val = self._source(self.val_spec, train=False)
         idx = list(range(self.rank, len(val), self.world))
         if self.args.val_batches is not None:
@@ -702,6 +906,12 @@ class Trainer:
                                              collate_fn=self.collate)
         prog = Progress(len(loader), prefix="validate", every=max(1, self.args.log_every),
                         enabled=self.rank == 0, mode=self.args.progress)
+        return loader, prog
+
+    def validate(self):
+        from lipfast.evaluate import evaluate_loader
+
+        loader, prog = self._val_loader()
         try:
             metrics = evaluate_loader([self.model], loader, self.args.num_classes, self.device,
                                       autocast=self.autocast, reduce=self.world > 1,
@@ -710,6 +920,18 @@ class Trainer:
             prog.close()
         self.model.train()
         return metrics
+
+    def _validation_result(self):
+        """(the CSV's validation value as text, the table to print)."""
+        metrics = self.validate()
+        res = metrics.compute()
+        return f"{float(res['miou']):.4f}", metrics.table()
+
+    def _describe_run(self) -> str:
+        a = self.args
+        head = f", head {self.model.head}" if a.model != "ce2p" else ""
+        return (f"model {a.model}{head}, norm {self.model.norm}, context "
+                f"{self.model.context or 'none'}, crop {a.crop_size}")
 
     # -------------------------------------------------------------- loop
     def run(self) -> int:
@@ -720,12 +942,10 @@ class Trainer:
         if describe is not None:
             _log("lipfast.train: data sources:\n" + "\n".join("  " + line
                                                              for line in describe()))
-        head = f", head {self.model.head}" if a.model != "ce2p" else ""
         _log(f"lipfast.train: {len(self.train_set)} training samples, {self.world} process(es), "
              f"batch {a.batch_size}/process, {self.iters_per_epoch} iterations/epoch, "
-             f"{a.epochs} epochs, device {self.device}, model {a.model}{head}, "
-             f"norm {self.model.norm}, context {self.model.context or 'none'}, "
-             f"crop {a.crop_size}, amp {'off' if self.autocast is None else a.amp}")
+             f"{a.epochs} epochs, device {self.device}, {self._describe_run()}, "
+             f"amp {'off' if self.autocast is None else a.amp}")
         status = 0
         with StopFlag() as flag:
             while self.epoch < a.epochs:
@@ -735,11 +955,11 @@ class Trainer:
                 prog = Progress(self.iters_per_epoch, prefix=f"epoch {self.epoch + 1}/{a.epochs}",
                                 every=a.log_every, enabled=self.rank == 0, mode=a.progress)
                 stopped = False
-                for images, labels, _ in self.loader:
+                for batch in self.loader:  # (inputs..., metas)
                     if a.max_iters is not None and self.iteration >= a.max_iters:
                         stopped = True
                         break
-                    loss = self.train_step(images, labels)
+                    loss = self.train_step(*batch[:-1])
                     self.iteration += 1
                     self.iter_in_epoch += 1
                     lv = float(loss)
@@ -794,13 +1014,11 @@ class Trainer:
         if self.schp_start is not None and epoch_done >= self.schp_start and (
                 epoch_done - self.schp_start) % a.cycle_epochs == 0:
             self.self_correct()
-        miou = ""
+        val = ""
         if a.val_every and epoch_done % a.val_every == 0:
-            metrics = self.validate()
-            res = metrics.compute()
-            miou = f"{float(res['miou']):.4f}"
+            val, table = self._validation_result()
             if self.rank == 0:
-                print(metrics.table(), flush=True)
+                print(table, flush=True)
         if self.world > 1 and a.check_sync:
             diff = _sync_check(self.model)
             if diff != 0:
@@ -812,22 +1030,29 @@ class Trainer:
         self.save()
         if self.rank == 0:
             row = {"epoch": epoch_done, "iters": self.iteration, "loss": f"{mean_loss:.6f}",
-                   "lr": f"{self.lr:.6g}", "val_miou": miou,
+                   "lr": f"{self.lr:.6g}", self.val_column: val,
                    "seconds": f"{time.perf_counter() - t0:.1f}"}
-            _write_csv_row(self.csv_path, row)
+            _write_csv_row(self.csv_path, row, self.csv_fields)
             _log(f"lipfast.train: epoch {epoch_done}/{a.epochs} loss {mean_loss:.4f} "
-                 f"lr {row['lr']}" + (f" val mIoU {miou}" if miou else ""))
-            _plot_curves(self.csv_path, os.path.join(self.out, "curves.png"))
+                 f"lr {row['lr']}" + (f" {self.val_label} {val}" if val else ""))
+            _plot_curves(self.csv_path, os.path.join(self.out, "curves.png"), self.val_column,
+                         self.val_title)
 
 
 def main(argv=None):
     """Runs training; returns the :class:`Trainer` (its ``losses`` list holds
     this process's per-iteration losses) and exits 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    resolve_task_args(args)
+    cls = Trainer
+    if args.task == "pose":
+        from lipfast._pose_train import PoseTrainer
+
+        cls = PoseTrainer
     trainer = None
     ok = False
     try:
-        trainer = Trainer(args)
+        trainer = cls(args)
         status = trainer.run()
         ok = True
     finally:

@@ -1,4 +1,5 @@
-"""Several training sources in one run (LIP splits, CIHP person crops).
+"""Several training sources in one run (LIP splits, CIHP person crops; LIP's pose
+track).
 
 - :class:`SourceSpec` / :func:`parse_source`: a source as text, for a command line:
 
@@ -15,9 +16,12 @@
   starting with a word of two or more letters and ``:`` is read as
   ``KIND:...`` (``foo:x:train`` is an unknown kind, not a root; ``data:2`` is
   the root ``data`` with weight 2): write such a root as ``lip:foo:x:train`` or
-  ``./foo:x``. After a known split name (train, val, test, trainval) the last
-  part must be a weight (``lip:/x:train:val`` is refused as ambiguous).
+  ``./foo:x``. ``lip-pose:`` (the one kind with a ``-``) is read as that kind.
+  After a known split name (train, val, test, trainval) the last part must be a
+  weight (``lip:/x:train:val`` is refused as ambiguous).
 - :func:`build_source`: the data set of a spec.
+- :data:`POSE_KINDS`: the kinds whose items are pose samples ``(image, joints,
+  visible, meta)``; the others give parsing samples ``(image, label, meta)``.
 - :class:`MultiSourceDataset`: one epoch over several data sets, optionally
   weighted per sample.
 
@@ -47,18 +51,21 @@ import torch
 
 from .lip import LIP_MEAN_BGR, LIP_NUM_CLASSES, LIP_STD_BGR, LIPDataset
 
-SOURCE_KINDS = ("lip", "cihp")
+SOURCE_KINDS = ("lip", "cihp", "lip-pose")
+#: the kinds of pose sources (:class:`lipfast.data.LIPPoseDataset` items)
+POSE_KINDS = ("lip-pose",)
 _CIHP_ONLY = ("others", "class_map")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
-_KIND = re.compile(r"([A-Za-z]{2,}):")
+_KIND = re.compile(r"(lip-pose|[A-Za-z]{2,}):", re.IGNORECASE)
 _KNOWN_SPLITS = ("train", "val", "test", "trainval")
 
-__all__ = ["SourceSpec", "parse_source", "build_source", "MultiSourceDataset", "SOURCE_KINDS"]
+__all__ = ["SourceSpec", "parse_source", "build_source", "MultiSourceDataset", "SOURCE_KINDS",
+           "POSE_KINDS"]
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One training source: ``kind`` (``"lip"`` or ``"cihp"``), ``root``,
+    """One training source: ``kind`` (``"lip"``, ``"cihp"`` or ``"lip-pose"``), ``root``,
     ``split`` and ``weight`` (per-sample weight, positive)."""
 
     kind: str
@@ -105,7 +112,8 @@ def _is_number(text: str) -> bool:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """``"ROOT"``, ``"lip:ROOT:SPLIT"`` or ``"cihp:ROOT:SPLIT"``, each optionally
+    """``"ROOT"``, ``"lip:ROOT:SPLIT"``, ``"cihp:ROOT:SPLIT"`` or
+    ``"lip-pose:ROOT:SPLIT"``, each optionally
     followed by ``":WEIGHT"`` -> :class:`SourceSpec` (see the module docstring);
     ValueError naming the text for an unknown kind, an empty part, a bad weight
     or split."""
@@ -161,12 +169,29 @@ def build_source(spec, crop_size=473, train: bool = True, seed: int = 0,
     :class:`lipfast.data.LIPDataset` or :class:`lipfast.data.CIHPPersonCrops`.
     ``kw`` goes to the constructor (``check_files``, ``ignore_index``,
     ``flip_pairs``; for CIHP also ``others`` and ``class_map``, which LIP
-    sources ignore)."""
+    sources ignore).
+
+    ``lip-pose`` sources: :class:`lipfast.data.LIPPoseDataset` with
+    ``image_size=kw.pop("image_size", crop_size)`` (an int or ``(W, H)``),
+    ``train`` and ``seed``; its input is always RGB: ``mean`` / ``std`` are used
+    when ``channel_order="RGB"``, otherwise ImageNet's (the dataset's default);
+    ``num_classes`` and the parsing-only ``kw`` (``ignore_index``, ``others``,
+    ``class_map``) do not apply and are ignored; other ``kw`` (``box``,
+    ``check_files``, ``flip``, ...) go to the constructor."""
     if isinstance(spec, str):
         spec = parse_source(spec)
     if not isinstance(spec, SourceSpec):
         raise TypeError(f"build_source: spec must be a SourceSpec or a string, got "
                         f"{type(spec).__name__}")
+    if spec.kind in POSE_KINDS:
+        from .pose import LIPPoseDataset
+
+        pose_kw = {k: v for k, v in kw.items() if k not in _CIHP_ONLY + ("ignore_index",)}
+        image_size = pose_kw.pop("image_size", crop_size)
+        if channel_order == "RGB":
+            pose_kw.update(mean=mean, std=std)
+        return LIPPoseDataset(spec.root, spec.split, image_size=image_size, train=train,
+                              seed=seed, **pose_kw)
     common = dict(crop_size=crop_size, train=train, seed=seed, num_classes=num_classes,
                   channel_order=channel_order, mean=mean, std=std)
     if spec.kind == "lip":
@@ -218,8 +243,10 @@ class MultiSourceDataset(torch.utils.data.Dataset):
     """One epoch over several sources (see the module docstring).
 
     ``datasets``: the sources (each with ``__len__``, ``__getitem__`` returning
-    ``(image, label, meta)``, ``set_epoch``; ``crop_size`` and ``num_classes``
-    must agree); ``weights``: per-sample weight of each source (None: every
+    ``(image, label, meta)`` -- or any tuple whose last item is the meta dict,
+    e.g. pose samples ``(image, joints, visible, meta)`` --, ``set_epoch``;
+    ``crop_size`` and ``num_classes`` must agree); ``weights``: per-sample
+    weight of each source (None: every
     sample once per epoch); ``names``: the sources' names (default their
     ``source`` attribute, ``"lip"`` / ``"cihp"``, numbered when repeated), put
     into each item's ``meta["source"]``."""
@@ -311,10 +338,10 @@ class MultiSourceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         s, j, r = self.locate(index)
         d = self.datasets[s]
-        image, label, meta = d.item(j, r) if hasattr(d, "item") else d[j]
+        *fields, meta = d.item(j, r) if hasattr(d, "item") else d[j]
         meta = dict(meta)
         meta["source"] = self.names[s]
-        return image, label, meta
+        return (*fields, meta)
 
     # ------------------------------------------------------------------ reports
     def counts(self) -> dict:
