@@ -107,6 +107,24 @@ def run_environment(device: torch.device, script: str, argv, threads) -> tuple:
     return env, machine, threads_note
 
 
+def saved_bytes(fn):
+    """(fn(), bytes of the distinct storages autograd saves for backward while fn
+    runs), counted with saved_tensors_hooks (a storage saved twice counts once)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:  # noqa: BLE001  (tensors without a storage)
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def rss_bytes() -> int:
     """This process's resident set size (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:

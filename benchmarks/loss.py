@@ -90,7 +90,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import run_environment  # noqa: E402
+from _common import run_environment, saved_bytes  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 from lipfast.losses import SCHPCriterion, edge_loss, generate_edge  # noqa: E402
@@ -196,22 +196,6 @@ def loss_work(name: str, b: int, c: int, h: int, H: int) -> tuple[float, float]:
         ch = 2 * c + 2
         return float(2 * 4 * b * ch * h * h + labels), float(16 * b * ch * H * H)
     raise ValueError(name)
-
-
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except Exception:  # noqa: BLE001
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 def step(fn, leaves):

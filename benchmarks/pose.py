@@ -99,7 +99,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _roofline  # noqa: E402
 import _timing  # noqa: E402
-from _common import PeakRSS, run_environment  # noqa: E402
+from _common import PeakRSS, run_environment, saved_bytes  # noqa: E402
 
 import lipfast  # noqa: E402,F401
 from lipfast.pose import (  # noqa: E402
@@ -221,22 +221,6 @@ def loss_float64(x, joints, visible, image_size, heatmap_size, sigma) -> float:
 
 
 # ----------------------------------------------------------------- measuring
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except Exception:  # noqa: BLE001
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def step(fn, x):
     x.grad = None
     out = fn()

@@ -348,6 +348,29 @@ def _check_image(x, name: str, mean: str = "HRNET_MEAN / HRNET_STD") -> None:
 FUSING_MODULES = (BasicBlock, Bottleneck, HighResolutionModule)
 
 
+def add_stem(net: nn.Module, nf: Callable[[int], nn.Module], fuse: bool) -> None:
+    """The stem and ``layer1`` that HRNetV2 and the pose HRNet share, as attributes
+    of ``net`` under upstream's names (``conv1``, ``bn1``, ``conv2``, ``bn2``,
+    ``relu``, ``layer1``: two 3x3 stride-2 convs 3 -> 64 -> 64 with norms, then 4
+    Bottlenecks 64 -> 256)."""
+    net.conv1 = _conv3x3(3, 64, 2)
+    net.bn1 = nf(64)
+    net.conv2 = _conv3x3(64, 64, 2)
+    net.bn2 = nf(64)
+    net.relu = nn.ReLU(inplace=False)
+    down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nf(256))
+    net.layer1 = nn.Sequential(Bottleneck(64, 64, nf, down, fuse),
+                               *[Bottleneck(256, 64, nf, None, fuse) for _ in range(3)])
+
+
+def run_stem(net: nn.Module, fuse: bool, x: torch.Tensor) -> torch.Tensor:
+    """The forward of :func:`add_stem`'s layers (relu(bn1) -> conv2 fused when
+    ``fuse``): B x 256 x H/4 x W/4."""
+    x = _relu_conv(fuse, net.relu, net.conv2, net.bn1(net.conv1(x)))
+    x = net.relu(net.bn2(x))
+    return net.layer1(x)
+
+
 class HRNetV2(nn.Module):
     """HRNetV2 segmentation network (see the module docstring).
 
@@ -405,14 +428,7 @@ class HRNetV2(nn.Module):
         self.norm, self.align_corners = norm, align_corners
         nf = _norm_factory(norm)
         _, act = _norms(norm)   # CE2P's norm + leaky_relu(0.01), for the head and context
-        self.conv1 = _conv3x3(3, 64, 2)
-        self.bn1 = nf(64)
-        self.conv2 = _conv3x3(64, 64, 2)
-        self.bn2 = nf(64)
-        self.relu = nn.ReLU(inplace=False)
-        down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nf(256))
-        self.layer1 = nn.Sequential(Bottleneck(64, 64, nf, down, fuse),
-                                    *[Bottleneck(256, 64, nf, None, fuse) for _ in range(3)])
+        add_stem(self, nf, fuse)
         ch = [width * 2 ** i for i in range(4)]
         self.channels = ch
         self.transition1 = _transition([256], ch[:2], nf)
@@ -464,9 +480,7 @@ class HRNetV2(nn.Module):
     def features(self, x: torch.Tensor) -> list:
         """The four branch outputs of stage 4 (1/4, 1/8, 1/16 and 1/32 of the input)."""
         _check_image(x, "HRNetV2")
-        x = _relu_conv(self._fuse_relu_conv, self.relu, self.conv2, self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(x))
-        x = self.layer1(x)
+        x = run_stem(self, self._fuse_relu_conv, x)
         ys = self.stage2(self._next(self.transition1, [x]))
         ys = self.stage3(self._next(self.transition2, ys))
         return self.stage4(self._next(self.transition3, ys))

@@ -66,9 +66,10 @@ import torch.nn as nn
 
 from ..nn.abn import InPlaceABN
 from ..pose.joints import NUM_LIP_JOINTS
-from .ce2p import _relu_conv, add_cpu_autocast_hooks
-from .hrnet import (HRNET_BACKBONE, HRNET_MEAN, HRNET_STD, Bottleneck, HighResolutionModule,
-                    _apply_transition, _check_image, _conv3x3, _norm_factory, _transition)
+from .ce2p import add_cpu_autocast_hooks
+from .hrnet import (HRNET_BACKBONE, HRNET_MEAN, HRNET_STD, HighResolutionModule,
+                    _apply_transition, _check_image, _norm_factory, _transition, add_stem,
+                    run_stem)
 
 __all__ = ["PoseHRNet", "POSE_HRNET_WIDTHS", "POSE_HRNET_NORMS", "POSE_HRNET_MOMENTUM",
            "pose_input_ok"]
@@ -131,14 +132,7 @@ class PoseHRNet(nn.Module):
         fuse = norm != "batchnorm" if fuse_relu_conv is None else fuse_relu_conv
         self.num_joints, self.width, self.norm = num_joints, width, norm
         nf = _norm_factory(norm, POSE_HRNET_MOMENTUM)
-        self.conv1 = _conv3x3(3, 64, 2)
-        self.bn1 = nf(64)
-        self.conv2 = _conv3x3(64, 64, 2)
-        self.bn2 = nf(64)
-        self.relu = nn.ReLU(inplace=False)
-        down = nn.Sequential(nn.Conv2d(64, 256, 1, bias=False), nf(256))
-        self.layer1 = nn.Sequential(Bottleneck(64, 64, nf, down, fuse),
-                                    *[Bottleneck(256, 64, nf, None, fuse) for _ in range(3)])
+        add_stem(self, nf, fuse)
         ch = [width * 2 ** i for i in range(4)]
         self.channels = ch
 
@@ -197,9 +191,7 @@ class PoseHRNet(nn.Module):
                 "384 x 288) so that the nearest upsampling by 2, 4, 8 of the lower branches "
                 "matches it")
         fuse = self.fuse_relu_conv
-        x = _relu_conv(fuse, self.relu, self.conv2, self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(x))
-        x = self.layer1(x)
+        x = run_stem(self, fuse, x)
         ys = self.stage2(_apply_transition(fuse, self.transition1, [x]))
         ys = self.stage3(_apply_transition(fuse, self.transition2, ys))
         ys = self.stage4(_apply_transition(fuse, self.transition3, ys))

@@ -107,13 +107,7 @@ def decode(heatmaps: torch.Tensor, center, scale, flipped: Optional[torch.Tensor
     fl = None
     perm: list[int] = []
     if flipped is not None:
-        fl = _maps(flipped, "flipped")
-        if fl.shape != hm.shape:
-            raise ValueError(f"pose.decode: flipped must have the heatmaps' shape "
-                             f"{tuple(hm.shape)}, got {tuple(fl.shape)}")
-        if fl.dtype != hm.dtype:
-            raise TypeError(f"pose.decode: flipped ({flipped.dtype}) and heatmaps "
-                            f"({heatmaps.dtype}) must have the same dtype")
+        fl = _maps(flipped, "flipped")   # shape, dtype, device: checked by the op's checks
         perm = flip_permutation(j, flip_pairs)
     c = _box(center, "center", b, hm.device)
     s = _box(scale, "scale", b, hm.device)
