@@ -297,6 +297,11 @@ def test_triton_kernels_compile_for_gpu(arch, dtypes, tmp_path):
     assert rows and all(r[5].isdigit() for r in rows), res.stdout
     for name in KERNEL_NAMES:
         assert any(r[1] == name for r in rows), (name, res.stdout)
+    # the pose kernels (one fixed configuration each, not autotuned)
+    for name in ("heatmap_loss.fwd", "heatmap_loss.bwd", "pose_decode"):
+        assert any(r[1] == name for r in rows), (name, res.stdout)
+    for dtype in dtypes:
+        assert any(r[1] == "heatmap_loss.fwd" and r[3] == dtype for r in rows), dtype
     # float kernels: every input dtype (oc_attention float32: both precisions)
     for dtype in dtypes:
         for name in ("oc_attention.fwd", "oc_attention.bwd_dv", "oc_attention.bwd_dx",

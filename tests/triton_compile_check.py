@@ -54,6 +54,8 @@ from lipfast.kernels import lovasz as KL  # noqa: E402
 from lipfast.kernels import oc_attention as K  # noqa: E402
 from lipfast.kernels import upsample_ce as KU  # noqa: E402
 from lipfast.kernels import parse_postprocess as KP  # noqa: E402
+from lipfast.kernels import heatmap_loss as KH  # noqa: E402
+from lipfast.kernels import pose_decode as KD  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAUNCH_KEYS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override"}
@@ -151,14 +153,56 @@ def _parse_postprocess_cases(dt):
     yield "C=20 logits channels_last", False, lambda: run(2, False, True)
 
 
+def _heatmap_loss_cases(dt):
+    # the pose loss: forward and backward over the heatmaps' dtype, float or bool
+    # visibilities, contiguous and transposed heatmaps (one fixed configuration)
+    def run(vdt, transposed=False):
+        x = torch.rand(4, 16, 64, 48).to(dt)
+        if transposed:
+            x = torch.rand(4, 16, 48, 64).to(dt).transpose(2, 3)
+        jt = torch.rand(4, 16, 2) * 192
+        vis = (torch.rand(4, 16) > 0.2).to(vdt)
+        _, weight, window, _ = KH.forward(x, jt, vis, (192, 256), 2.0)
+        KH.backward(torch.tensor(1.0), x, weight, window, 2.0)
+
+    yield "B=4 J=16 64x48, float visible", True, lambda: run(torch.float32)
+    yield "bool visible, transposed heatmaps", False, lambda: run(torch.bool, True)
+
+
+def _pose_decode_cases(dt):
+    # the decode takes float32 heatmaps (fp16/bf16 are decoded in float32, float64
+    # goes to the PyTorch path), with and without the fused flip test
+    c = torch.rand(4, 2, dtype=torch.float64) * 100
+    s = torch.rand(4, 2, dtype=torch.float64) + 0.5
+    x = torch.rand(4, 16, 64, 48)
+    yield "B=4 J=16 64x48", True, lambda: KD.pose_decode(x, None, c, s, list(range(16)))
+    yield "flip test", True, lambda: KD.pose_decode(x, x.flip(3), c, s, list(range(16))[::-1])
+
+
 CASES = [_oc_cases, _upsample_ce_cases, _confusion_matrix_cases, _lovasz_cases, _edge_cases,
-         _parse_postprocess_cases]
+         _parse_postprocess_cases, _heatmap_loss_cases, _pose_decode_cases]
+
+# kernels launched with one fixed configuration (plain triton.jit, not autotuned
+# through lipfast.kernels._tuning): name -> JITFunction
+PLAIN_KERNELS = {"heatmap_loss.fwd": KH._fwd_kernel, "heatmap_loss.bwd": KH._bwd_kernel,
+                 "pose_decode": KD._pose_decode_kernel}
+
+
+class PlainSpec:
+    """What collect() needs of a tuning spec, for a plain kernel: its name, its
+    function and one configuration (the launch's own num_warps / constexprs)."""
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def keys(self):
+        return []
 
 
 def capture(launch):
     """[(spec, args, kwargs)] of the launches ``launch()`` makes (none executed)."""
     calls = []
-    specs = list(_tuning.SPECS.values())
+    specs = list(_tuning.SPECS.values()) + [PlainSpec(n, f) for n, f in PLAIN_KERNELS.items()]
     for spec in specs:
         def run(*args, grid, warmup, _s=spec, **kwargs):
             calls.append((_s, args, kwargs))
@@ -214,11 +258,17 @@ def collect(arch: int, dtypes):
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
                     for spec, args, kwargs in calls:
-                        cfg_keys = set(spec.keys()) | LAUNCH_KEYS
-                        base = {k: v for k, v in kwargs.items() if k not in cfg_keys}
-                        named = {**dict(zip(spec.fn.arg_names, args)), **base}
-                        configs = (_tuning.prune(spec, spec.configs, named, limits) if every
-                                   else [_tuning.prune(spec, spec.configs, named, limits)[0]])
+                        if isinstance(spec, PlainSpec):   # its one configuration, as launched
+                            cfg = triton.Config({}, num_warps=kwargs.get("num_warps", 4),
+                                                num_stages=kwargs.get("num_stages", 3))
+                            base = {k: v for k, v in kwargs.items() if k not in LAUNCH_KEYS}
+                            configs = [cfg]
+                        else:
+                            cfg_keys = set(spec.keys()) | LAUNCH_KEYS
+                            base = {k: v for k, v in kwargs.items() if k not in cfg_keys}
+                            named = {**dict(zip(spec.fn.arg_names, args)), **base}
+                            configs = (_tuning.prune(spec, spec.configs, named, limits) if every
+                                       else [_tuning.prune(spec, spec.configs, named, limits)[0]])
                         for cfg in configs:
                             kw = {**base, **cfg.all_kwargs()}
                             sig, consts, attrs, options = specialize(backend, spec.fn, args, kw)
