@@ -3,8 +3,9 @@
 Importing lipfast loads the compiled extension ``lipfast._C`` (building it just
 in time when the installed one is missing or was built for another torch) and
 registers the ops under ``torch.ops.lipfast``. Subpackages: ``nn`` (ABN, OC
-modules), ``ops``, ``losses``, ``metrics``, ``models`` (CE2P), ``data`` (LIP),
-``patch``; :class:`lipfast.Parser` parses photos with SCHP's models. The tools:
+modules), ``ops``, ``losses``, ``metrics``, ``models`` (CE2P, HRNetV2,
+PoseHRNet), ``data`` (LIP, CIHP, LIP pose), ``pose`` (heatmap loss, decoding,
+PCKh), ``patch``; :class:`lipfast.Parser` parses photos with SCHP's models. The tools:
 ``python -m lipfast.train`` / ``evaluate`` / ``parse`` / ``export``.
 
 Layers, bottom up: ``kernels`` (Triton, imports nothing from lipfast above it) ->
