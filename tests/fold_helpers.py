@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lipfast.models import CE2P
+from lipfast.nn.abn import InPlaceABN
 
 #: (rtol relative to max|out|) of the folded vs the unfolded model
 FOLD_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -36,6 +37,22 @@ def randomize(module, seed=0, var_range=(0.3, 1.8)):
                 val = torch.randn(t.shape, generator=g, dtype=torch.float64)
             t.copy_(val.to(t.dtype))
     return module
+
+
+def calibrate_norms(model, x):
+    """Running statistics of one train-mode batch (momentum 1), so that the eval
+    activations of a randomised deep model stay O(1) instead of growing with depth
+    (ill-conditioned eval comparisons otherwise). Returns the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, InPlaceABN))]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    return model.eval()
 
 
 def small_ce2p(context="psp", norm="inplace_abn_sync", dtype=torch.float32, num_classes=20,

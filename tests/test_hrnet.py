@@ -200,7 +200,7 @@ def test_load_checkpoint_strips_fullmodel_prefix(tmp_path):
 # ----------------------------------------------------------- issue 14: heads, contexts, fusion
 
 import lipfast.models.ce2p as _ce2p_mod  # noqa: E402
-from fold_helpers import lipfast_ops_called, randomize  # noqa: E402
+from fold_helpers import calibrate_norms, lipfast_ops_called, randomize  # noqa: E402
 from hrnet_reference import HRNetHeadsRef  # noqa: E402
 from lipfast.models import CE2P, LIP_MEAN, LIP_STD  # noqa: E402
 from lipfast.models.ce2p import BatchNormAct, DecoderModule, EdgeModule  # noqa: E402
@@ -235,26 +235,10 @@ def _ref_context(context):
     return RefASPOC(512, 256, (12, 24, 36), "current", norm=BNLeaky), 512
 
 
-def _calibrate(model, x):
-    """Running statistics of one train-mode batch (momentum 1), so that the eval
-    activations of a randomised model stay O(1) instead of growing with depth
-    (saturated attention would make the eval comparisons ill-conditioned)."""
-    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, InPlaceABN))]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    return model.eval()
-
-
 def _heads_pair(head, context, seed=0, dtype=torch.float64):
     ours = HRNetV2(K, W, head=head, context=context, norm="batchnorm")
     randomize(ours, seed)
-    ours = _calibrate(ours.to(dtype), _input(dtype, seed=99))
+    ours = calibrate_norms(ours.to(dtype), _input(dtype, seed=99))
     ctx, cc = _ref_context(context)
     ref = HRNetHeadsRef(K, W, head=head, context=ctx, context_channels=cc).to(dtype)
     ref.load_state_dict(ours.state_dict(), strict=True)
@@ -397,7 +381,7 @@ def test_ce2p_head_inplace_norms_match_batchnorm(dtype):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.abs_().add_(0.1)
     x = _input(dtype, size=(61, 53))
-    _calibrate(bn, _input(dtype, seed=98, size=(61, 53)))
+    calibrate_norms(bn, _input(dtype, seed=98, size=(61, 53)))
     ours = HRNetV2(K, W, head="ce2p", context="base_oc", norm="inplace_abn").to(dtype)
     ours.load_state_dict(bn.state_dict(), strict=True)
     with torch.no_grad():
@@ -495,7 +479,7 @@ def test_autocast_bf16_cpu(head, context):
     torch.manual_seed(0)
     model = HRNetV2(K, W, head=head, context=context, norm="inplace_abn")
     x = _input(torch.float32)
-    _calibrate(model, _input(torch.float32, seed=97))
+    calibrate_norms(model, _input(torch.float32, seed=97))
     with torch.no_grad():
         ref = _flat(model(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -527,7 +511,7 @@ def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = HRNetV2(K, W, head="ce2p", context="base_oc", norm="batchnorm",
                     fuse_relu_conv=True).eval()
-    _calibrate(model, _input(torch.float32, seed=96))
+    calibrate_norms(model, _input(torch.float32, seed=96))
     x = _input(torch.float32)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)

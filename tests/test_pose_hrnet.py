@@ -25,7 +25,7 @@ from lipfast.nn.abn import InPlaceABN
 from lipfast.pose import NUM_LIP_JOINTS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fold_helpers import lipfast_ops_called, randomize  # noqa: E402
+from fold_helpers import calibrate_norms, lipfast_ops_called, randomize  # noqa: E402
 from pose_hrnet_reference import PoseHRNetRef, RefHRModule  # noqa: E402
 
 # one torch thread: the tiny maps do not parallelise, and the CI jobs share 2 cores
@@ -56,21 +56,6 @@ def _input(size, batch=1, dtype=torch.float64, seed=3):
     return torch.randn(batch, 3, *size, generator=g, dtype=torch.float64).to(dtype)
 
 
-def _calibrate(model, x):
-    """Running statistics from one train-mode batch (momentum 1), so that the eval
-    activations of the randomised deep model stay O(1)."""
-    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, InPlaceABN))]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    return model.eval()
-
-
 def _positive_norm_weights(model, seed=5):
     """Norm weights in [0.5, 1.5] (the in-place norms scale by |w| + eps)."""
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +73,7 @@ def ref_state():
     torch.manual_seed(0)
     ref = randomize(PoseHRNetRef(J, 32), seed=1).double()
     _positive_norm_weights(ref)
-    _calibrate(ref, _input(ODD, batch=2, seed=99))
+    calibrate_norms(ref, _input(ODD, batch=2, seed=99))
     return ref, {k: v.clone() for k, v in ref.state_dict().items()}
 
 
