@@ -557,3 +557,21 @@ def test_cuda_large_grid_and_channels_last():
     expect = inplace_abn_reference(x4.clone(), w, None, None, None, True, 0.1, 1e-5,
                                    "leaky_relu", 0.01)
     torch.testing.assert_close(lipfast.inplace_abn(x4, w, None, None, None), expect)
+
+
+@pytest.mark.parametrize("training", [True, False])   # C++ autograd op / Python Function
+def test_differentiable_once_raises_on_double_backward(training):
+    # A second derivative through the layer's backward must raise, not silently
+    # treat the layer's gradient as a constant (here another path, x ** 3, keeps
+    # the first-order gradient differentiable).
+    g = torch.Generator().manual_seed(12)
+    abn = lipfast.InPlaceABN(3, activation="leaky_relu").train(training)
+    x = torch.randn(2, 3, 4, 5, generator=g, requires_grad=True)
+    grad, = torch.autograd.grad(((abn(x * 2.0) + x ** 3) ** 2).sum(), x, create_graph=True)
+    assert grad.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+    # create_graph does not change the first-order gradient
+    x2 = x.detach().clone().requires_grad_()
+    plain, = torch.autograd.grad(((abn(x2 * 2.0) + x2 ** 3) ** 2).sum(), x2)
+    torch.testing.assert_close(grad.detach(), plain, rtol=0, atol=0)

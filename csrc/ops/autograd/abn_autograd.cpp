@@ -8,11 +8,14 @@
 // step pays no Python autograd per norm (HRNet-W48 has 306). The synchronised
 // layer, torch.compile and eval mode with gradients keep the Python
 // autograd.Function of lipfast/ops/abn.py, which composes the same kernels.
-// Like that Function this one is differentiable once: its backward runs without
-// recording a graph.
+// Like that Function (@once_differentiable) this one is differentiable once: its
+// backward runs without recording a graph, and under create_graph its gradients
+// carry a DelayedError node, so differentiating through them raises instead of
+// silently treating this layer's backward as a constant.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <string>
@@ -81,7 +84,9 @@ class InPlaceABNTrainFunction : public torch::autograd::Function<InPlaceABNTrain
     const at::Tensor& var = saved[1];
     const OptT weight = saved[2].defined() ? OptT(saved[2]) : OptT();
     const OptT bias = saved[3].defined() ? OptT(saved[3]) : OptT();
-    at::NoGradGuard no_grad;  // differentiable once, as the Python Function
+    // differentiable once, as the Python Function: no graph recorded here
+    const bool create_graph = at::GradMode::is_enabled() && grads[0].requires_grad();
+    at::NoGradGuard no_grad;
     auto [dx, dweight, dbias] =
         op.call(y, grads[0], var, weight, bias, ctx->saved_data["count"].toSymInt(),
                 ctx->saved_data["eps"].toDouble(), ctx->saved_data["activation"].toStringRef(),
@@ -96,6 +101,24 @@ class InPlaceABNTrainFunction : public torch::autograd::Function<InPlaceABNTrain
       ++edge;
     }
     if (bias.has_value() && ctx->needs_input_grad(edge)) out[2] = dbias.to(bias->scalar_type());
+    if (create_graph) {
+      // torch.autograd.function.once_differentiable's rule: the gradients become
+      // outputs of a DelayedError node, which raises if backpropagated through.
+      at::AutoGradMode grad_mode(true);
+      variable_list defined;
+      for (const auto& t : out) {
+        if (t.defined()) defined.push_back(t.detach().requires_grad_(true));
+      }
+      auto err = std::make_shared<torch::autograd::DelayedError>(
+          "trying to differentiate twice lipfast InPlaceABN's backward, which is "
+          "differentiable once (as a function marked with @once_differentiable)",
+          static_cast<int64_t>(defined.size()));
+      variable_list wrapped = (*err)(std::move(defined));
+      size_t k = 0;
+      for (auto& t : out) {
+        if (t.defined()) t = wrapped[k++];
+      }
+    }
     return out;
   }
 };
