@@ -60,6 +60,18 @@ _LIMB_WIDTH = 3
 _DOT = 4
 
 
+def check_image_size(size) -> tuple[int, int]:
+    """``--image-size`` (W, H) as ints, refused when PoseHRNet cannot take it
+    (:func:`lipfast.models.pose_hrnet.pose_input_ok`); shared by train and evaluate."""
+    from lipfast.models.pose_hrnet import pose_input_ok
+
+    w, h = (int(v) for v in size)
+    if not pose_input_ok(h, w):
+        raise ValueError(f"--image-size {w}x{h}: PoseHRNet needs sides whose ceil(n / 4) is "
+                         "a multiple of 8 (e.g. multiples of 32: 256x256, 192x256, 288x384)")
+    return w, h
+
+
 def head_size_arg(text: str) -> str:
     """argparse type of ``--head-size``: ``lip`` or ``lip:FACTOR`` (a positive
     number) -> the canonical text (``lip`` for the default factor 0.5)."""

@@ -76,16 +76,11 @@ class PoseTrainer(Trainer):
         return {"norm": norm}
 
     def _check_args(self) -> None:
-        from lipfast._pose_tools import head_size_arg
-        from lipfast.models.pose_hrnet import pose_input_ok
+        from lipfast._pose_tools import check_image_size, head_size_arg
 
         a = self.args
         self._check_common_args()
-        a.image_size = tuple(int(v) for v in a.image_size)
-        w, h = a.image_size
-        if not pose_input_ok(h, w):
-            raise ValueError(f"--image-size {w}x{h}: PoseHRNet needs sides whose ceil(n / 4) is "
-                             "a multiple of 8 (e.g. multiples of 32: 256x256, 192x256, 288x384)")
+        a.image_size = check_image_size(a.image_size)
         self.sigma = float(default_sigma(a.image_size) if a.sigma is None else a.sigma)
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"--sigma must be a positive number, got {a.sigma}")

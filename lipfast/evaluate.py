@@ -489,7 +489,7 @@ def _write_json(path, out: dict) -> None:
 def pose_main(args) -> dict:
     """``--task pose`` (see the module docstring); returns the results dict
     (the JSON's content plus ``predictions``: {id: (coords J x 2, maxvals J)})."""
-    from lipfast._pose_tools import evaluate_pose_loader
+    from lipfast._pose_tools import check_image_size, evaluate_pose_loader
     from lipfast.data import pose_collate
     from lipfast.pose.pckh import LIP_HEAD_FACTOR
 
@@ -508,12 +508,7 @@ def pose_main(args) -> dict:
     joints = {int(h["num_joints"]) for h in hps}
     if len(joints) != 1:
         raise ValueError(f"ensemble members disagree on num_joints: {sorted(joints)}")
-    size = tuple(args.image_size or hps[0].get("image_size") or (256, 256))
-    from lipfast.models.pose_hrnet import pose_input_ok
-
-    if not pose_input_ok(size[1], size[0]):
-        raise ValueError(f"--image-size {size[0]}x{size[1]}: PoseHRNet needs sides whose "
-                         "ceil(n / 4) is a multiple of 8 (e.g. 256x256, 192x256, 288x384)")
+    size = check_image_size(args.image_size or hps[0].get("image_size") or (256, 256))
     spec = _data_spec(args, "pose")
     fmt = input_format(models[0])
     ds = build_source(spec, image_size=size, train=False, seed=0, channel_order=fmt[0],
